@@ -1,0 +1,146 @@
+"""
+Finding, constructing and checking plugins, and building a L{Pipeline}.
+
+A plugin is named by C{use}: a built-in's short name, or C{module:Class}.
+C{module} is looked for first as a file in the configured C{plugin_paths}
+(C{plugins/no_exe.py} for C{no_exe:NoExe}), then as an installed module.
+Files from plugin paths are executed afresh for every pipeline built (a
+new module object per generation, never C{importlib.reload}), so a reload
+runs the code as it is now on disk while sessions on the old generation
+keep the old code.
+
+Every problem is a L{PluginError} whose text names the config table, and
+for code problems the file and line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from zope.interface import providedBy
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+from twisted_mta.config import Config, PluginConfig
+from twisted_mta.interfaces import IFilter, IRelayPolicy, IRouter
+from twisted_mta.pipeline import LoadedPlugin, Pipeline
+
+#: Built-in plugins by short name.
+BUILTINS: dict[str, str] = {
+    "relay": "twisted_mta.builtins.relay:RelayRules",
+    "routes": "twisted_mta.builtins.routes:RouteTable",
+}
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded; C{str()} is one line saying where and why."""
+
+
+def _where(config: Config, pc: PluginConfig) -> str:
+    return f"{config.file}: {pc.where}"
+
+
+def _code_location(exc: BaseException, fallback: str) -> str:
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        return f"{last.filename}:{last.lineno}"
+    return fallback
+
+
+def _load_file(path: Path, module_name: str, generation: int) -> ModuleType:
+    unique = f"twisted_mta_plugin_g{generation}_{module_name.replace('.', '_')}"
+    spec = importlib.util.spec_from_file_location(unique, path)
+    module = importlib.util.module_from_spec(spec)
+    # Registered while it runs so dataclasses and pickling can find it;
+    # each generation has its own name, so old sessions keep old code.
+    sys.modules[unique] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[unique]
+        raise
+    return module
+
+
+def find_class(use: str, plugin_paths, generation: int):
+    """The class named by C{use}, and where it came from."""
+    target = BUILTINS.get(use, use)
+    if ":" not in target:
+        known = ", ".join(sorted(BUILTINS))
+        raise LookupError(f"unknown plugin {use!r} (built-ins: {known}; others: module:Class)")
+    module_name, _, class_name = target.partition(":")
+    module = None
+    for folder in plugin_paths:
+        candidate = Path(folder) / (module_name.replace(".", "/") + ".py")
+        if candidate.is_file():
+            module = _load_file(candidate, module_name, generation)
+            break
+    if module is None:
+        module = importlib.import_module(module_name)
+    try:
+        cls = getattr(module, class_name)
+    except AttributeError:
+        raise LookupError(f"{getattr(module, '__file__', module_name)} has no {class_name!r}")
+    return cls, getattr(module, "__file__", None) or module_name
+
+
+def load(config: Config, pc: PluginConfig, generation: int, required=None,
+         extra: dict | None = None) -> LoadedPlugin:
+    """
+    Load, construct and check the plugin C{pc} names.  C{required}: an
+    interface it must provide.  C{extra}: constructor arguments the server
+    supplies (for built-ins configured by their own tables).
+    """
+    where = _where(config, pc)
+    try:
+        cls, origin = find_class(pc.use, config.plugin_paths, generation)
+    except LookupError as e:
+        raise PluginError(f"{where}: {e.args[0]}")
+    except ImportError as e:
+        raise PluginError(f"{where}: cannot import {pc.use}: {e}")
+    except Exception as e:
+        raise PluginError(f"{where}: {_code_location(e, pc.use)}: {type(e).__name__}: {e}")
+    try:
+        obj = cls(**{**(extra or {}), **pc.options})
+    except TypeError as e:
+        raise PluginError(f"{where}: bad options for {pc.use}: {e}")
+    except Exception as e:
+        raise PluginError(f"{where}: {pc.use} refused its options: "
+                          f"{_code_location(e, origin)}: {type(e).__name__}: {e}")
+    provided = list(providedBy(obj))
+    if required is not None and not required.providedBy(obj):
+        raise PluginError(f"{where}: {pc.use} does not provide {required.__name__}")
+    if required is None and not IFilter.providedBy(obj):
+        raise PluginError(f"{where}: {pc.use} provides no filter interface (IConnectFilter, IRcptFilter...)")
+    for iface in provided:
+        try:
+            verifyObject(iface, obj)
+        except Invalid as e:
+            raise PluginError(f"{where}: {pc.use} ({origin}): {' '.join(str(e).split())}")
+    return LoadedPlugin(pc.use, obj, str(origin), pc.timeout)
+
+
+def build_pipeline(config: Config, generation: int, reactor=None) -> Pipeline:
+    """Build a whole L{Pipeline} from C{config}, or raise L{PluginError}."""
+    from twisted_mta.config import PluginConfig as PC
+
+    relay_pc = config.relay_plugin or PC("relay", {}, "relay")
+    relay_extra = {} if config.relay_plugin else {
+        "local_domains": config.relay.local_domains,
+        "relay_domains": config.relay.relay_domains,
+        "networks": config.relay.networks,
+    }
+    relay = load(config, relay_pc, generation, IRelayPolicy, relay_extra)
+    router_pc = config.router_plugin or PC("routes", {}, "route")
+    router_extra = {} if config.router_plugin else {"routes": config.routes}
+    router = load(config, router_pc, generation, IRouter, router_extra)
+    filters = [load(config, pc, generation) for pc in config.filters]
+    return Pipeline(generation, relay, router, filters, reactor=reactor)

@@ -1,0 +1,422 @@
+"""
+The SMTP grammar, as pure functions: command lines, paths and mailboxes
+(RFC 5321 4.1.2, with RFC 6531 UTF-8), and ESMTP parameters.
+
+Nothing here does I/O or keeps state.  Each function takes text and returns
+values or raises L{GrammarError}, which carries the reply the server gives.
+This module is the only place in the project that parses an address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from twisted_mta.smtp import replies as _replies
+from twisted_mta.smtp.replies import Reply
+
+# RFC 5321 4.5.3.1: size limits.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+# A command line with its CRLF (4.5.3.1.4).  MAIL and RCPT carry ESMTP
+# parameters; the extensions that define them raise the limit (RFC 1870
+# +26 for SIZE, RFC 4954 +500 for AUTH=), so those two verbs get more room.
+MAX_COMMAND_LINE = 512
+MAX_MAIL_RCPT_LINE = 512 + 26 + 500
+
+
+class GrammarError(ValueError):
+    """A command could not be parsed; C{reply} is what the server answers."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """
+    A mailbox: a local part and a domain.  C{domain} is C{None} only for the
+    special C{<Postmaster>} recipient (RFC 5321 4.1.1.3).  C{domain} keeps
+    the case it was given; L{Address.key} is the form used for comparison.
+    """
+
+    local: str
+    domain: str | None
+
+    def __str__(self) -> str:
+        local = self.local
+        if not _DOT_STRING.match(local):
+            local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return local if self.domain is None else f"{local}@{self.domain}"
+
+    @property
+    def domain_key(self) -> str:
+        """The domain in the form used to compare and route: lower case."""
+        return (self.domain or "").lower()
+
+    @property
+    def key(self) -> str:
+        """
+        The address lower-cased, for comparison and lookups.  (RFC 5321 lets
+        local parts be case-sensitive; in practice no site relies on it and
+        Postfix folds them too.)
+        """
+        return str(self).lower()
+
+    @property
+    def is_utf8(self) -> bool:
+        return not (self.local.isascii() and (self.domain or "").isascii())
+
+    @property
+    def is_literal(self) -> bool:
+        return (self.domain or "").startswith("[")
+
+    @property
+    def has_routing(self) -> bool:
+        """
+        Whether the local part carries sender-specified routing (the
+        percent hack, a bang path, or a stray @), which must never be
+        honoured for an untrusted client.
+        """
+        return any(c in self.local for c in "%!@")
+
+
+# --- tokens -----------------------------------------------------------------
+
+_LDH = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ULABEL = r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,62}"
+_DOMAIN = re.compile(rf"^{_LDH}(?:\.{_LDH})*$")
+_UDOMAIN = re.compile(rf"^{_ULABEL}(?:\.{_ULABEL})*$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
+_UATEXT = r"(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]|[^\x00-\x7f])"
+_DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
+_UDOT_STRING = re.compile(rf"^{_UATEXT}+(?:\.{_UATEXT}+)*$")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")
+_UVALUE = re.compile(r"^(?:[\x21-\x3c\x3e-\x7e]|[^\x00-\x7f])+$")
+_VERB = re.compile(r"^[A-Za-z]{1,10}$")
+
+
+def is_domain(text: str, utf8: bool = False) -> bool:
+    """Whether C{text} is an RFC 5321 Domain (RFC 6531 U-labels if C{utf8})."""
+    if not text or len(text.encode("utf-8")) > MAX_DOMAIN:
+        return False
+    return bool((_UDOMAIN if utf8 else _DOMAIN).match(text))
+
+
+def is_address_literal(text: str) -> bool:
+    """Whether C{text} is an RFC 5321 address-literal such as C{[192.0.2.1]}."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return False
+    inner = text[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        try:
+            ipaddress.IPv6Address(inner[5:])
+        except ValueError:
+            return False
+        return True
+    if re.match(r"^\d{1,3}(\.\d{1,3}){3}$", inner):
+        try:
+            ipaddress.IPv4Address(inner)
+        except ValueError:
+            return False
+        return True
+    # General-address-literal: Standardized-tag ":" 1*dcontent
+    tag, colon, content = inner.partition(":")
+    return bool(
+        colon
+        and re.match(r"^[A-Za-z0-9-]*[A-Za-z0-9]$", tag)
+        and re.match(r"^[\x21-\x5a\x5e-\x7e]+$", content)
+    )
+
+
+# --- commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command line split into its verb (upper case) and argument text."""
+
+    verb: str
+    argument: str
+
+
+def parse_command(line: bytes) -> Command:
+    """
+    Split one command line (without its line ending) into verb and
+    argument.  Raises L{GrammarError} for a NUL byte, for bytes that are
+    not UTF-8, and for a line that has no verb.  8-bit text is returned
+    as is: whether it is allowed depends on the session (SMTPUTF8), which
+    the caller knows.
+    """
+    if b"\x00" in line:
+        raise GrammarError(_replies.NUL_IN_COMMAND)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GrammarError(_replies.EIGHT_BIT_COMMAND)
+    verb, _, argument = text.partition(" ")
+    if not _VERB.match(verb):
+        raise GrammarError(_replies.SYNTAX_UNKNOWN)
+    return Command(verb.upper(), argument)
+
+
+def parse_helo(argument: str) -> str:
+    """
+    The client's name from a HELO/EHLO argument: a domain or an address
+    literal (RFC 5321 4.1.1.1).  Postfix, and this parser, accept any single
+    token, since many clients send a bare host name or worse; only an empty
+    argument or one with spaces is refused.
+    """
+    name = argument.strip()
+    if not name or " " in name or not name.isprintable():
+        raise GrammarError(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+    return name
+
+
+# --- paths ------------------------------------------------------------------
+
+
+def _split_path(text: str) -> tuple[str, str]:
+    """
+    Split C{<path> params} into the text between the brackets and the
+    parameter text, honouring quoted strings (a quoted local part may hold
+    a C{>}).
+    """
+    if not text.startswith("<"):
+        raise ValueError("path must be in angle brackets")
+    i, n = 1, len(text)
+    quoted = False
+    while i < n:
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == ">":
+            rest = text[i + 1 :]
+            if rest and not rest.startswith(" "):
+                raise ValueError("no space after path")
+            return text[1:i], rest.strip(" ")
+        i += 1
+    raise ValueError("no closing bracket")
+
+
+def _parse_local_part(text: str, utf8: bool) -> str:
+    if text.startswith('"'):
+        if len(text) < 2 or not text.endswith('"'):
+            raise ValueError("unterminated quoted string")
+        out = []
+        body = text[1:-1]
+        i = 0
+        while i < len(body):
+            c = body[i]
+            if c == "\\":
+                if i + 1 >= len(body):
+                    raise ValueError("bad quoted pair")
+                nxt = body[i + 1]
+                if not (" " <= nxt <= "~"):
+                    raise ValueError("bad quoted pair")
+                out.append(nxt)
+                i += 2
+                continue
+            if c == '"' or not (c == " " or "!" <= c <= "~" or (utf8 and ord(c) > 127)):
+                raise ValueError("bad character in quoted string")
+            out.append(c)
+            i += 1
+        return "".join(out)
+    if not (_UDOT_STRING if utf8 else _DOT_STRING).match(text):
+        raise ValueError("bad local part")
+    return text
+
+
+def parse_mailbox(text: str, utf8: bool = False) -> Address:
+    """
+    Parse an RFC 5321 Mailbox (C{local@domain}, without brackets).  With
+    C{utf8}, RFC 6531 UTF-8 local parts and U-label domains are allowed.
+    Raises L{ValueError} with the reason when C{text} is not a mailbox.
+    """
+    at = text.rfind("@")
+    if at <= 0:
+        raise ValueError("no domain")
+    local_text, domain = text[:at], text[at + 1 :]
+    local = _parse_local_part(local_text, utf8)
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        raise ValueError("local part too long")
+    if not (is_domain(domain, utf8) or is_address_literal(domain)):
+        raise ValueError("bad domain")
+    return Address(local, domain)
+
+
+def _strip_source_route(text: str) -> str:
+    """
+    Drop an RFC 5321 A-d-l source route (C{@a,@b:user@c}); the RFC says to
+    accept and ignore it, and ignoring it is what keeps it from opening a
+    relay.
+    """
+    if not text.startswith("@"):
+        return text
+    route, colon, mailbox = text.partition(":")
+    if not colon:
+        raise ValueError("bad source route")
+    for hop in route.split(","):
+        if not (hop.startswith("@") and (is_domain(hop[1:]) or is_address_literal(hop[1:]))):
+            raise ValueError("bad source route")
+    return mailbox
+
+
+def parse_path(text: str, utf8: bool = False, null_ok: bool = False,
+               postmaster_ok: bool = False) -> Address | None:
+    """
+    Parse the inside of a path's angle brackets.  Returns C{None} for the
+    null path (only where C{null_ok}); C{Address(Postmaster, None)} for a
+    bare C{Postmaster} (only where C{postmaster_ok}).
+    """
+    if len(text.encode("utf-8")) > MAX_PATH:
+        raise ValueError("path too long")
+    if text == "":
+        if null_ok:
+            return None
+        raise ValueError("null path")
+    if postmaster_ok and text.lower() == "postmaster":
+        return Address(text, None)
+    return parse_mailbox(_strip_source_route(text), utf8)
+
+
+def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
+    """
+    Parse ESMTP parameters (C{KEY=value KEY ...}) into a dict with upper-case
+    keys.  A repeated keyword or a malformed one raises L{ValueError}.
+    """
+    params: dict[str, str | None] = {}
+    for word in text.split():
+        key, eq, value = word.partition("=")
+        if not _KEYWORD.match(key):
+            raise ValueError(f"bad parameter {word!r}")
+        if eq and not (_UVALUE if utf8 else _VALUE).match(value):
+            raise ValueError(f"bad parameter value {word!r}")
+        key = key.upper()
+        if key in params:
+            raise ValueError(f"duplicate parameter {key}")
+        params[key] = value if eq else None
+    return params
+
+
+@dataclass(frozen=True, slots=True)
+class MailCommand:
+    sender: Address | None
+    size: int | None
+    body: str  # "7BIT" or "8BITMIME"
+    smtputf8: bool
+    auth: str | None
+    params: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RcptCommand:
+    recipient: Address
+    params: dict[str, str | None]
+
+
+def _split_prefix(argument: str, prefix: str, usage: Reply) -> str:
+    if argument[: len(prefix)].upper() != prefix:
+        raise GrammarError(usage)
+    # Postfix (strict_rfc821_envelopes=no) takes a space after the colon;
+    # so many clients send one that refusing it helps nobody.
+    return argument[len(prefix) :].lstrip(" ")
+
+
+MAIL_USAGE = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_USAGE = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+
+
+def parse_mail(argument: str, *, max_size: int, extra_params: frozenset[str] = frozenset()) -> MailCommand:
+    """
+    Parse a MAIL command's argument (C{FROM:<path> params}).  Honours SIZE,
+    BODY and SMTPUTF8 (and the names in C{extra_params}, such as AUTH,
+    whose values are returned in C{params} for the caller); anything else is
+    555 5.5.4.  A declared SIZE over C{max_size} is 552 5.3.4.
+    """
+    rest = _split_prefix(argument, "FROM:", MAIL_USAGE)
+    try:
+        inner, param_text = _split_path(rest)
+    except ValueError:
+        raise GrammarError(BAD_SENDER)
+    try:
+        params = parse_params(param_text, utf8=True)
+    except ValueError as e:
+        raise GrammarError(Reply(501, "5.5.4", f"Bad parameter syntax: {e}"))
+    smtputf8 = "SMTPUTF8" in params
+    if smtputf8 and params["SMTPUTF8"] is not None:
+        raise GrammarError(Reply(501, "5.5.4", "Bad SMTPUTF8 parameter syntax"))
+    if not smtputf8 and not (inner + param_text).isascii():
+        raise GrammarError(NEED_SMTPUTF8)
+    try:
+        sender = parse_path(inner, utf8=smtputf8, null_ok=True)
+    except ValueError:
+        raise GrammarError(BAD_SENDER)
+    size = None
+    if "SIZE" in params:
+        value = params["SIZE"]
+        if value is None or not value.isdigit() or len(value) > 20:
+            raise GrammarError(Reply(501, "5.5.4", "Bad message size syntax"))
+        size = int(value)
+        if size > max_size:
+            raise GrammarError(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
+    body = "7BIT"
+    if "BODY" in params:
+        value = (params["BODY"] or "").upper()
+        if value not in ("7BIT", "8BITMIME"):
+            raise GrammarError(Reply(501, "5.5.4", "Unsupported BODY parameter"))
+        body = value
+    known = {"SIZE", "BODY", "SMTPUTF8"} | extra_params
+    for key in params:
+        if key not in known:
+            raise GrammarError(Reply(555, "5.5.4", f"Unsupported option: {key}"))
+    return MailCommand(sender, size, body, smtputf8, params.get("AUTH"), params)
+
+
+def parse_rcpt(argument: str, *, smtputf8: bool) -> RcptCommand:
+    """
+    Parse a RCPT command's argument (C{TO:<path> params}).  No RCPT
+    parameter is supported (DSN is not offered), so any is 555 5.5.4.
+    """
+    rest = _split_prefix(argument, "TO:", RCPT_USAGE)
+    try:
+        inner, param_text = _split_path(rest)
+    except ValueError:
+        raise GrammarError(BAD_RECIPIENT)
+    if not smtputf8 and not (inner + param_text).isascii():
+        raise GrammarError(NEED_SMTPUTF8)
+    try:
+        recipient = parse_path(inner, utf8=smtputf8, postmaster_ok=True)
+    except ValueError:
+        raise GrammarError(BAD_RECIPIENT)
+    try:
+        params = parse_params(param_text, utf8=smtputf8)
+    except ValueError as e:
+        raise GrammarError(Reply(501, "5.5.4", f"Bad parameter syntax: {e}"))
+    for key in params:
+        raise GrammarError(Reply(555, "5.5.4", f"Unsupported option: {key}"))
+    assert recipient is not None
+    return RcptCommand(recipient, params)
+
+
+def parse_bdat(argument: str) -> tuple[int, bool]:
+    """Parse C{BDAT size [LAST]} (RFC 3030) into (size, last)."""
+    words = argument.split()
+    if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 20:
+        raise GrammarError(Reply(501, "5.5.4", "Syntax: BDAT count [LAST]"))
+    if len(words) == 2 and words[1].upper() != "LAST":
+        raise GrammarError(Reply(501, "5.5.4", "Syntax: BDAT count [LAST]"))
+    return int(words[0]), len(words) == 2
+

@@ -1,0 +1,112 @@
+"""
+SMTP replies: one value type and the one place where replies become bytes.
+
+Every reply the server sends is a L{Reply}.  Reply texts may come from
+plugins, so L{Reply.format} is where they are made safe to put on the wire:
+no CR or LF can break out of a reply line, non-ASCII is replaced, and each
+line is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+MAX_REPLY_TEXT = 512 - len("250-5.7.1 \r\n")
+
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """
+    An SMTP reply: a three-digit code, an RFC 3463 enhanced status code
+    (or C{None} where none applies, as in the greeting) and one or more
+    lines of text.
+    """
+
+    code: int
+    enhanced: str | None
+    text: str | tuple[str, ...]
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        if isinstance(self.text, tuple):
+            return self.text or ("",)
+        return tuple(self.text.split("\n"))
+
+    @property
+    def positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def format(self, enhanced: bool = True) -> bytes:
+        """
+        The reply as bytes for the wire, one CRLF-terminated line per line
+        of text, with the enhanced code on every line when C{enhanced} is
+        true (RFC 2034: after EHLO).
+        """
+        lines = self.lines
+        last = len(lines) - 1
+        prefix = str(self.code)
+        code = f"{self.enhanced} " if (enhanced and self.enhanced) else ""
+        out = []
+        for i, line in enumerate(lines):
+            line = _UNSAFE.sub("?", line)[:MAX_REPLY_TEXT]
+            sep = " " if i == last else "-"
+            out.append(f"{prefix}{sep}{code}{line}\r\n")
+        return "".join(out).encode("ascii")
+
+    def __str__(self) -> str:
+        return self.format().decode("ascii").rstrip("\r\n").replace("\r\n", " / ")
+
+    def with_text(self, text: str) -> "Reply":
+        return Reply(self.code, self.enhanced, text)
+
+
+def class_digit_matches(code: int, enhanced: str | None) -> bool:
+    """
+    Whether an enhanced status code's class agrees with the reply code
+    (RFC 3463: 2.x.x with 2yz, 4.x.x with 4yz, 5.x.x with 5yz).
+    """
+    return enhanced is None or enhanced[0] == str(code)[0]
+
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+def valid_enhanced(enhanced: str) -> bool:
+    """Whether C{enhanced} is an RFC 3463 status code such as C{5.7.1}."""
+    return bool(_ENHANCED.match(enhanced))
+
+
+# The replies the server gives in more than one place.  Texts follow what
+# Postfix answers in the same case, so log parsers keep working.
+OK = Reply(250, "2.0.0", "Ok")
+SYNTAX_UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BARE_NEWLINE = Reply(500, "5.5.2", "Error: bare <LF> received")
+NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
+EIGHT_BIT_COMMAND = Reply(500, "5.5.2", "Error: 8-bit character in command")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Error: bad sequence of commands")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NO_VALID_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+TOO_MANY_RCPT = Reply(452, "4.5.3", "Error: too many recipients")
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message file too big")
+NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+PLUGIN_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing")
+VRFY = Reply(252, "2.0.0", "Send some mail, I'll try my best")
+SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")

@@ -1,0 +1,920 @@
+"""
+The ESMTP server protocol (RFC 5321), with PIPELINING (RFC 2920), SIZE
+(RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES
+(RFC 2034), CHUNKING (RFC 3030) and STARTTLS (RFC 3207).
+
+One L{ESMTPServer} per connection.  Commands are parsed by
+L{twisted_mta.smtp.grammar} and answered strictly in the order they came,
+one at a time: while a command waits on a plugin, the protocol stops
+reading from the transport, so a pipelining client can make it buffer no
+more than one read.  Bodies are streamed to the spool as they arrive,
+through the sans-IO readers of L{twisted_mta.smtp.data}.
+
+The protocol sees the rest of the server only through its factory's
+C{context} (see L{ServerContext}): the configuration, the current
+pipeline, the spool, the TLS options and whom to tell of a queued message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet import interfaces as ti
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_mta.config import Config, ListenConfig
+from twisted_mta.smtp import grammar, replies as R
+from twisted_mta.smtp.data import ChunkReader, DataReader, NewlineFilter
+from twisted_mta.smtp.grammar import Address, GrammarError
+from twisted_mta.smtp.replies import Reply
+from twisted_mta.smtp.tls import tls_info
+from twisted_mta.spool.entry import QueueEntry, RecipientState
+from twisted_mta.values import (
+    Action, AddHeader, Envelope, Message, RemoveHeader, RewriteRecipient,
+    RewriteSender, Session, SetRoute, Verdict, parse_headers,
+)
+
+log = Logger()
+
+HEADER_CAPTURE_LIMIT = 65536  # header bytes kept in memory for data filters
+_session_counter = 0
+
+
+def _next_session_id() -> str:
+    global _session_counter
+    _session_counter += 1
+    return f"{_session_counter:x}"
+
+
+class ServerContext:
+    """
+    What a server protocol needs from the rest of the MTA.  The service
+    provides one; tests build their own.
+
+    @ivar config: the current L{Config}.
+    @ivar pipeline: the current L{Pipeline}.
+    @ivar spool: the L{Spool}.
+    @ivar tls_options: server TLS options, or C{None} when TLS is off.
+    @ivar reactor: the reactor (for timeouts).
+    @ivar auth: C{None}, or the SMTP AUTH side, which the protocol asks:
+        C{ehlo_lines(proto)} (extra EHLO lines, e.g. C{AUTH PLAIN LOGIN}),
+        C{check_mail(proto)} (a refusal L{Reply} for MAIL, or C{None}),
+        C{mail_params(proto)} (MAIL parameters it takes, e.g. C{{"AUTH"}})
+        and C{command(proto, argument)} (handles AUTH like a handler; it
+        may set C{proto.line_hook} to read the client's next lines).
+    """
+
+    config: Config
+    pipeline: Any
+    spool: Any
+    tls_options: Any
+    reactor: Any
+    auth: Any = None
+
+    def queued(self, entry: QueueEntry) -> None:
+        """A message was accepted: C{entry} is durable in the spool."""
+
+
+@dataclass
+class Transaction:
+    """The mail transaction in progress (from MAIL to the end of the body)."""
+
+    pipeline: Any
+    envelope: Envelope
+    routes: dict[str, dict] = field(default_factory=dict)
+    originals: dict[str, str] = field(default_factory=dict)
+    discarded: set[str] = field(default_factory=set)
+    incoming: Any = None
+    newlines: NewlineFilter | None = None
+    size: int = 0
+    too_big: bool = False
+    head: bytes = b""
+    head_done: bool = False
+    bdat: bool = False
+    failed: Reply | None = None  # set when a BDAT chunk went wrong
+
+    def abort(self) -> None:
+        if self.incoming is not None:
+            self.incoming.abort()
+            self.incoming = None
+
+
+@implementer(ti.IPushProducer)
+class ESMTPServer(Protocol):
+    """
+    One SMTP session.  See the module docstring.  Handlers are methods
+    C{smtp_<VERB>(argument)} returning a L{Reply}, or a Deferred that fires
+    with one, or C{None} when they have answered themselves.
+    """
+
+    def __init__(self, context: ServerContext, listen: ListenConfig):
+        self.context = context
+        self.listen = listen
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False  # inside an overlong line
+        self._reader: DataReader | ChunkReader | None = None
+        self._busy = False  # a command is waiting on a Deferred
+        self._pauses: set[str] = set()
+        self._closed = False
+        self._greeted = False
+        self._rejected_connect = False
+        self._chunk_last = False
+        self._chunk_refusal: Reply | None = None
+        self._errors = 0
+        self._timeout = None
+        self.txn: Transaction | None = None
+        #: Set by a multi-line exchange (AUTH): called with the next raw
+        #: line (bytes, without CRLF) instead of the command parser; it
+        #: returns what a handler returns.
+        self.line_hook: Callable[[bytes], Any] | None = None
+        self.session: Session | None = None
+        self.counts: dict[str, int] = {}
+        self._tls_started = False
+
+    # --- connection ---------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.context.config
+
+    @property
+    def hostname(self) -> str:
+        return self.context.config.hostname
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = self.transport.getHost()
+        self.session = Session(
+            id=_next_session_id(),
+            client_ip=getattr(peer, "host", "") or "",
+            client_port=getattr(peer, "port", 0) or 0,
+            server_ip=getattr(host, "host", "") or "",
+            server_port=getattr(host, "port", 0) or 0,
+            listener=self.listen.endpoint,
+            tls=tls_info(self.transport),
+        )
+        self.transport.registerProducer(self, True)
+        self._reset_timeout()
+        log.info("connect from [{ip}]:{port} session={sid}",
+                 ip=self.session.client_ip, port=self.session.client_port, sid=self.session.id)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._send(refusal)
+            return self._close()
+        self._pause("greeting")
+        d = self.session_pipeline().ask("connect", self.session)
+        d.addCallback(self._greet)
+        d.addErrback(self._internal_error)
+
+    def _greet(self, verdict: Verdict) -> None:
+        if self._closed:
+            return
+        self._resume("greeting")
+        self._greeted = True
+        if verdict.action in (Action.TEMPFAIL, Action.DISCONNECT):
+            self._send(Reply(421, "4.7.0", f"{self.hostname} {verdict.text or 'Service not available, closing transmission channel'}"))
+            return self._close()
+        if verdict.action is Action.REJECT:
+            # RFC 5321 3.1: a 554 greeting, then only QUIT is accepted.
+            self._rejected_connect = True
+            self._send(Reply(554, None, f"{self.hostname} {verdict.text or 'Access denied'}"))
+        else:
+            self._send(Reply(220, None, f"{self.hostname} ESMTP twisted-mta"))
+        self._process()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._closed = True
+        self._cancel_timeout()
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+        self.factory.release(self)
+        if self.session is not None:
+            summary = " ".join(f"{k.lower()}={v}" for k, v in self.counts.items())
+            log.info("disconnect from [{ip}] session={sid} {summary}",
+                     ip=self.session.client_ip, sid=self.session.id, summary=summary)
+
+    def session_pipeline(self):
+        return self.txn.pipeline if self.txn is not None else self.context.pipeline
+
+    # --- flow control -------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauses and not self._closed:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self._pauses.discard(reason)
+        if not self._pauses and not self._closed:
+            self.transport.resumeProducing()
+
+    # IPushProducer: the transport tells us when its write buffer is full,
+    # which happens when a client pipelines and never reads the replies.
+    def pauseProducing(self) -> None:
+        self._pause("writes")
+
+    def resumeProducing(self) -> None:
+        self._resume("writes")
+
+    def stopProducing(self) -> None:
+        self._closed = True
+
+    # --- timeouts -----------------------------------------------------------
+
+    def _reset_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.reset(self.config.limits.command_timeout)
+        else:
+            self._timeout = self.context.reactor.callLater(
+                self.config.limits.command_timeout, self._timed_out)
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        log.info("timeout after {what} from [{ip}] session={sid}",
+                 what="DATA" if self._reader else "command",
+                 ip=self.session.client_ip, sid=self.session.id)
+        self._send(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
+        self._close()
+
+    # --- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._reset_timeout()
+        if not self._greeted:
+            # Talking before the greeting: a pipelining violation that
+            # only spam engines commit (Postfix postscreen's pregreet test).
+            return self._sync_error(len(data))
+        if self._pos:
+            self._buffer = self._buffer[self._pos:] + data
+            self._pos = 0
+        elif self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle what is buffered, until it runs out or a command must wait."""
+        while not self._busy and not self._closed and self._greeted:
+            if self._reader is not None:
+                if self._pos >= len(self._buffer):
+                    break
+                data = self._buffer[self._pos:] if self._pos else self._buffer
+                self._buffer, self._pos = b"", 0
+                self._body(data)
+                continue
+            end = self._buffer.find(b"\n", self._pos)
+            if end < 0:
+                pending = len(self._buffer) - self._pos
+                if pending > self._line_limit(self._buffer[self._pos:self._pos + 5]):
+                    self._discarding = True
+                    self._buffer, self._pos = b"", 0
+                break
+            line = self._buffer[self._pos:end + 1]
+            self._pos = end + 1
+            if self._pos == len(self._buffer):
+                self._buffer, self._pos = b"", 0
+            if self._discarding:
+                self._discarding = False
+                self._answer(R.LINE_TOO_LONG)
+                continue
+            self._line(line)
+
+    @staticmethod
+    def _line_limit(start: bytes) -> int:
+        if start[:5].upper() in (b"MAIL ", b"RCPT "):
+            return grammar.MAX_MAIL_RCPT_LINE
+        return grammar.MAX_COMMAND_LINE
+
+    def _line(self, line: bytes) -> None:
+        if len(line) > self._line_limit(line):
+            return self._answer(R.LINE_TOO_LONG)
+        if line.endswith(b"\r\n"):
+            line = line[:-2]
+        elif self.config.limits.bare_newline == "reject":
+            log.info("bare <LF> in command from [{ip}] session={sid}",
+                     ip=self.session.client_ip, sid=self.session.id)
+            return self._answer(R.BARE_NEWLINE)
+        else:
+            line = line[:-1]
+        if self.line_hook is not None:
+            # A multi-line exchange (AUTH) wants this line, not the parser.
+            hook, self.line_hook = self.line_hook, None
+            return self._handle(lambda: hook(line), "AUTH")
+        try:
+            command = grammar.parse_command(line)
+        except GrammarError as e:
+            return self._answer(e.reply)
+        verb = command.verb
+        if self._rejected_connect and verb != "QUIT":
+            # RFC 5321 3.1: after a 554 greeting, 503 to all but QUIT.
+            return self._answer(R.BAD_SEQUENCE)
+        if not command.argument.isascii() and verb not in ("MAIL", "RCPT"):
+            return self._answer(R.EIGHT_BIT_COMMAND)
+        handler = getattr(self, "smtp_" + verb, None)
+        if handler is None:
+            return self._answer(R.SYNTAX_UNKNOWN)
+        self.counts[verb] = self.counts.get(verb, 0) + 1
+        self._handle(lambda: handler(command.argument), verb)
+
+    def _handle(self, call: Callable[[], Any], verb: str) -> None:
+        """Run a command handler and answer what it returns, now or later."""
+        try:
+            result = call()
+        except GrammarError as e:
+            result = e.reply
+        except Exception:
+            log.failure("error handling {verb} session={sid}", verb=verb, sid=self.session.id)
+            result = R.LOCAL_ERROR
+        if isinstance(result, Deferred):
+            self._busy = True
+            self._pause("command")
+            result.addErrback(self._command_failed, verb)
+            result.addCallback(self._answer_later)
+        elif result is not None:
+            self._answer(result)
+
+    def _command_failed(self, failure: Failure, verb: str) -> Reply:
+        log.failure("error handling {verb} session={sid}", failure, verb=verb, sid=self.session.id)
+        return R.LOCAL_ERROR
+
+    def _answer_later(self, reply: Reply | None) -> None:
+        self._busy = False
+        self._resume("command")
+        if reply is not None:
+            self._answer(reply)
+        if not self._closed:
+            self._process()
+
+    def _answer(self, reply: Reply) -> None:
+        """Send C{reply}, counting protocol errors toward the error limit."""
+        self._send(reply)
+        if reply.code in (500, 501, 502, 503, 504, 555):
+            self._errors += 1
+            if self._errors >= self.config.limits.bad_commands and not self._closed:
+                log.info("too many errors from [{ip}] session={sid}",
+                         ip=self.session.client_ip, sid=self.session.id)
+                self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+                self._close()
+
+    def _send(self, reply: Reply) -> None:
+        if not self._closed:
+            self.transport.write(reply.format(bool(self.session and self.session.esmtp)))
+
+    def _close(self) -> None:
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+        self._closed = True
+        self._cancel_timeout()
+        self.transport.loseConnection()
+
+    def _sync_error(self, pending: int) -> None:
+        log.info("protocol synchronization error ({n} bytes unexpected) from [{ip}] session={sid}",
+                 n=pending, ip=self.session.client_ip, sid=self.session.id)
+        self._send(R.SYNC_ERROR)
+        self._close()
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("internal error session={sid}", failure, sid=self.session.id)
+        self._send(Reply(421, "4.3.0", f"{self.hostname} Error: internal error"))
+        self._close()
+
+    # --- simple commands ----------------------------------------------------
+
+    def _ehlo_lines(self) -> list[str]:
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.config.limits.message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
+        if self._starttls_offered():
+            lines.append("STARTTLS")
+        if self.context.auth is not None:
+            lines.extend(self.context.auth.ehlo_lines(self))
+        return lines
+
+    def _hello(self, argument: str, esmtp: bool):
+        name = grammar.parse_helo(argument)
+        self._reset_transaction()
+        d = self.context.pipeline.ask("helo", self.session, name)
+
+        def decided(verdict: Verdict):
+            if verdict.refuses:
+                return self._refusal(verdict, "helo")
+            self.session = self.session.evolve(helo=name, esmtp=esmtp)
+            if esmtp:
+                return Reply(250, None, tuple(self._ehlo_lines()))
+            return Reply(250, None, self.hostname)
+
+        return d.addCallback(decided)
+
+    def smtp_EHLO(self, argument: str):
+        return self._hello(argument, esmtp=True)
+
+    def smtp_HELO(self, argument: str):
+        return self._hello(argument, esmtp=False)
+
+    def smtp_NOOP(self, argument: str) -> Reply:
+        return R.OK
+
+    def smtp_RSET(self, argument: str) -> Reply:
+        if argument.strip():
+            return Reply(501, "5.5.4", "Syntax: RSET")
+        self._reset_transaction()
+        return R.OK
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._send(Reply(221, "2.0.0", "Bye"))
+        self._close()
+
+    def smtp_VRFY(self, argument: str) -> Reply:
+        if not argument.strip():
+            return Reply(501, "5.5.4", "Syntax: VRFY address")
+        return R.VRFY
+
+    def smtp_AUTH(self, argument: str):
+        if self.context.auth is None:
+            return R.SYNTAX_UNKNOWN
+        return self.context.auth.command(self, argument)
+
+    def smtp_HELP(self, argument: str) -> Reply:
+        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS"
+                     + (" AUTH" if self.context.auth is not None else ""))
+
+    def _reset_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+
+    # --- STARTTLS -----------------------------------------------------------
+
+    def _starttls_offered(self) -> bool:
+        return (self.listen.tls in ("starttls", "require-starttls")
+                and self.context.tls_options is not None and self.session.tls is None
+                and not self._tls_started)
+
+    def smtp_STARTTLS(self, argument: str):
+        if argument.strip():
+            return Reply(501, "5.5.4", "Syntax: STARTTLS")
+        if self.session.tls is not None or self._tls_started:
+            return Reply(503, "5.5.1", "Error: TLS already active")
+        if not self._starttls_offered():
+            return Reply(502, "5.5.1", "Error: command not implemented")
+        if self.txn is not None:
+            return Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        pending = len(self._buffer) - self._pos
+        if pending:
+            # CVE-2011-0411: what came in the clear behind STARTTLS must
+            # never be read as if it came over TLS.
+            log.info("discarded {n} bytes pipelined after STARTTLS from [{ip}] session={sid}",
+                     n=pending, ip=self.session.client_ip, sid=self.session.id)
+            self._buffer, self._pos = b"", 0
+        self.transport.startTLS(self.context.tls_options)
+        self._tls_started = True
+        # RFC 3207 4.2: the session starts over; the client must EHLO again.
+        self.session = self.session.evolve(helo=None, esmtp=False, user=None)
+        return None
+
+    def _tls_now(self):
+        if self._tls_started and self.session.tls is None:
+            self.session = self.session.evolve(tls=tls_info(self.transport))
+        return self.session.tls
+
+    # --- the transaction ----------------------------------------------------
+
+    def _refusal(self, verdict: Verdict, stage: str) -> Reply:
+        """The reply for a refusing verdict at C{stage}: the server owns the codes."""
+        action = verdict.action
+        if action is Action.DISCONNECT:
+            self._send(Reply(421, verdict.enhanced or "4.7.0",
+                             f"{self.hostname} {verdict.text or 'Error: closing connection'}"))
+            self._close()
+            return None
+        if action is Action.TEMPFAIL:
+            return Reply(451, verdict.enhanced or "4.7.1", verdict.text or "Try again later")
+        code = 554 if stage in ("connect", "data") else 550
+        return Reply(code, verdict.enhanced or "5.7.1", verdict.text or "Rejected")
+
+    def _check_may_mail(self) -> Reply | None:
+        if self.session.helo is None:
+            return R.NEED_HELO
+        if self.txn is not None:
+            return R.NESTED_MAIL
+        if self.listen.tls == "require-starttls" and self._tls_now() is None:
+            return R.NEED_TLS
+        if self.context.auth is not None:
+            return self.context.auth.check_mail(self)
+        return None
+
+    def smtp_MAIL(self, argument: str):
+        refusal = self._check_may_mail()
+        if refusal is not None:
+            return refusal
+        extra = self.context.auth.mail_params(self) if self.context.auth is not None else frozenset()
+        mail = grammar.parse_mail(argument, max_size=self.config.limits.message_size,
+                                  extra_params=extra)
+        if not self.session.esmtp and len(mail.params):
+            return Reply(555, "5.5.4", "Error: MAIL parameters need EHLO")
+        self._tls_now()
+        pipeline = self.context.pipeline
+        envelope = Envelope(sender=mail.sender, size=mail.size, body=mail.body,
+                            smtputf8=mail.smtputf8)
+        d = pipeline.ask("mail", self.session, envelope)
+
+        def decided(verdict: Verdict):
+            if verdict.refuses:
+                return self._refusal(verdict, "mail")
+            env = envelope
+            for change in verdict.changes:
+                if isinstance(change, RewriteSender):
+                    env = env.evolve(sender=change.sender)
+            self.txn = Transaction(pipeline=pipeline, envelope=env)
+            if verdict.action is Action.DISCARD:
+                self.txn.discarded.add("*")
+            return Reply(250, "2.1.0", "Ok")
+
+        return d.addCallback(decided)
+
+    def _postmaster(self) -> Address:
+        domains = self.config.relay.local_domains
+        return Address("postmaster", domains[0] if domains else self.hostname)
+
+    def smtp_RCPT(self, argument: str):
+        txn = self.txn
+        if txn is None:
+            return R.NEED_MAIL
+        if txn.bdat:
+            return R.BAD_SEQUENCE
+        rcpt = grammar.parse_rcpt(argument, smtputf8=txn.envelope.smtputf8).recipient
+        if len(txn.envelope.recipients) >= self.config.limits.recipients:
+            return R.TOO_MANY_RCPT
+        if rcpt.domain is None:
+            rcpt = self._postmaster()
+        d = txn.pipeline.check_relay(self.session, txn.envelope, rcpt)
+
+        def relay_decided(verdict: Verdict):
+            if verdict.refuses:
+                reply = self._refusal(verdict, "rcpt")
+                if reply is not None and verdict.action is Action.REJECT:
+                    reply = Reply(554, verdict.enhanced or "5.7.1",
+                                  f"<{rcpt}>: {verdict.text or 'Relay access denied'}")
+                self._log_reject("RCPT", reply, rcpt)
+                return reply
+            return txn.pipeline.ask("rcpt", self.session, txn.envelope, rcpt).addCallback(
+                filters_decided)
+
+        def filters_decided(verdict: Verdict):
+            if verdict.refuses:
+                reply = self._refusal(verdict, "rcpt")
+                if reply is not None:
+                    reply = reply.with_text(f"<{rcpt}>: {reply.lines[0]}")
+                self._log_reject("RCPT", reply, rcpt)
+                return reply
+            if self.txn is not txn:  # reset while we waited
+                return R.NEED_MAIL
+            targets = (rcpt,)
+            route = None
+            for change in verdict.changes:
+                if isinstance(change, RewriteRecipient) and change.old.key == rcpt.key:
+                    targets = change.new
+                elif isinstance(change, SetRoute) and (not change.recipients or any(
+                        r.key == rcpt.key for r in change.recipients)):
+                    route = change.route.to_dict()
+            known = {r.key for r in txn.envelope.recipients}
+            added = tuple(t for t in targets if t.key not in known)
+            for target in added:
+                if target.key != rcpt.key:
+                    txn.originals[target.key] = str(rcpt)
+                if route is not None:
+                    txn.routes[target.key] = route
+                if verdict.action is Action.DISCARD:
+                    txn.discarded.add(target.key)
+            txn.envelope = txn.envelope.evolve(recipients=txn.envelope.recipients + added)
+            return Reply(250, "2.1.5", "Ok")
+
+        return d.addCallback(relay_decided)
+
+    def _log_reject(self, stage: str, reply: Reply | None, rcpt: Address | None = None) -> None:
+        if reply is None:
+            return
+        txn = self.txn
+        log.info("reject: {stage} from [{ip}] session={sid}: {reply}; from=<{sender}> to=<{rcpt}>",
+                 stage=stage, ip=self.session.client_ip, sid=self.session.id, reply=str(reply),
+                 sender=(txn.envelope.sender or "") if txn else "", rcpt=rcpt or "")
+
+    def _start_body(self) -> Reply | None:
+        """Open the spool file and write the Received header; None if ok."""
+        txn = self.txn
+        try:
+            txn.incoming = self.context.spool.new_message()
+            txn.incoming.write(self._received_header(txn))
+        except OSError:
+            log.failure("cannot create a spool file session={sid}", sid=self.session.id)
+            txn.abort()
+            return Reply(451, "4.3.0", "Error: queue file write error")
+        txn.newlines = NewlineFilter(normalize=self.config.limits.bare_newline == "normalize")
+        return None
+
+    def smtp_DATA(self, argument: str):
+        txn = self.txn
+        if argument.strip():
+            refusal = Reply(501, "5.5.4", "Syntax: DATA")
+        elif txn is None:
+            refusal = R.NEED_RCPT if self.session.helo else R.NEED_HELO
+        elif txn.bdat:
+            refusal = Reply(503, "5.5.1", "Error: DATA after BDAT")
+        elif not txn.envelope.recipients:
+            refusal = R.NO_VALID_RCPT
+        else:
+            refusal = self._start_body()
+        if refusal is not None:
+            if len(self._buffer) > self._pos:
+                # The client sent its message without waiting for our 354:
+                # those lines must never be read as commands.
+                self._send(refusal)
+                self._sync_error(len(self._buffer) - self._pos)
+                return None
+            return refusal
+        self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        self._reader = DataReader()
+        return None
+
+    def smtp_BDAT(self, argument: str):
+        size, last = grammar.parse_bdat(argument)
+        txn = self.txn
+        refusal = None
+        if txn is None:
+            refusal = R.NEED_MAIL if self.session.helo else R.NEED_HELO
+        elif not txn.envelope.recipients:
+            refusal = R.NO_VALID_RCPT
+        elif txn.failed is not None:
+            refusal = txn.failed
+        elif not txn.bdat:
+            txn.bdat = True
+            refusal = self._start_body()
+        if refusal is not None and txn is not None:
+            txn.failed = refusal
+        # The chunk is read whatever the answer (RFC 3030 2): its bytes
+        # must never be taken for commands.
+        self._reader = ChunkReader(size)
+        self._chunk_last = last
+        self._chunk_refusal = refusal
+        if self._reader.done:
+            self._end_chunk()
+        return None
+
+    # --- the body -----------------------------------------------------------
+
+    def _body(self, data: bytes) -> None:
+        reader = self._reader
+        chunk = reader.feed(data)
+        txn = self.txn
+        if txn is not None and txn.incoming is not None and txn.failed is None:
+            chunk = txn.newlines.feed(chunk)
+            txn.size += len(chunk)
+            if txn.size > self.config.limits.message_size:
+                if not txn.too_big:
+                    txn.too_big = True
+                    txn.incoming.abort()
+                    log.info("message over {limit} bytes from [{ip}] session={sid}",
+                             limit=self.config.limits.message_size,
+                             ip=self.session.client_ip, sid=self.session.id)
+            else:
+                if not txn.head_done:
+                    self._capture_head(txn, chunk)
+                txn.incoming.write(chunk)
+        if reader.done:
+            self._reader = None
+            if reader.leftover:
+                self._buffer, self._pos = reader.leftover, 0
+            if isinstance(reader, DataReader):
+                self._end_message()
+            else:
+                self._end_chunk()
+
+    @staticmethod
+    def _capture_head(txn: Transaction, chunk: bytes) -> None:
+        head = txn.head + chunk[:HEADER_CAPTURE_LIMIT]
+        end = head.find(b"\r\n\r\n")
+        if end >= 0 or head.startswith(b"\r\n"):
+            txn.head = head[: end + 2] if end >= 0 else b""
+            txn.head_done = True
+        elif len(head) >= HEADER_CAPTURE_LIMIT:
+            txn.head = head[:HEADER_CAPTURE_LIMIT]
+            txn.head_done = True
+        else:
+            txn.head = head
+
+    def _end_chunk(self) -> None:
+        txn = self.txn
+        refusal = self._chunk_refusal
+        if refusal is None and txn is not None and txn.too_big:
+            refusal = R.SIZE_EXCEEDED
+        if refusal is not None:
+            if txn is not None and txn.incoming is not None:
+                txn.abort()
+            if self._chunk_last or refusal is R.SIZE_EXCEEDED:
+                self._reset_transaction()
+            return self._answer(refusal)
+        if not self._chunk_last:
+            return self._answer(Reply(250, "2.0.0", f"Ok: {txn.size} bytes"))
+        self._end_message()
+
+    def _end_message(self) -> None:
+        """The body is complete: check it, commit it, answer."""
+        txn = self.txn
+        self.txn = None
+        if txn.incoming is None and not txn.too_big:  # could not open the spool file
+            return self._answer(Reply(451, "4.3.0", "Error: queue file write error"))
+        tail = txn.newlines.close()
+        if txn.too_big:
+            return self._answer(R.SIZE_EXCEEDED)
+        if txn.newlines.bare and self.config.limits.bare_newline == "reject":
+            txn.abort()
+            log.info("bare <CR> or <LF> in message from [{ip}] session={sid}: rejected",
+                     ip=self.session.client_ip, sid=self.session.id)
+            return self._answer(Reply(550, "5.5.2", "Error: bare <LF> received"))
+        if tail:
+            txn.incoming.write(tail)
+            txn.size += len(tail)
+        self._busy = True
+        self._pause("command")
+        d = maybeDeferred(self._check_and_commit, txn)
+        d.addErrback(self._commit_failed, txn)
+        d.addCallback(self._answer_later)
+
+    def _check_and_commit(self, txn: Transaction) -> Deferred:
+        incoming = txn.incoming
+        incoming.flush()
+        message = Message(size=incoming.size, headers=parse_headers(txn.head),
+                          path=str(incoming.path))
+        d = txn.pipeline.ask("data", self.session, txn.envelope, message)
+
+        def decided(verdict: Verdict):
+            if verdict.refuses:
+                txn.abort()
+                reply = self._refusal(verdict, "data")
+                self._log_transaction(txn, None, reply)
+                return reply
+            entry = self._entry(txn, verdict)
+            if verdict.action is Action.DISCARD or not entry.recipients:
+                txn.abort()
+                self._log_transaction(txn, incoming.id, "discarded")
+                return Reply(250, "2.0.0", f"Ok: queued as {incoming.id}")
+            return self.context.spool.commit(incoming, entry).addCallback(
+                lambda _: self._committed(txn, entry))
+
+        return d.addCallback(decided)
+
+    def _committed(self, txn: Transaction, entry: QueueEntry) -> Reply:
+        reply = Reply(250, "2.0.0", f"Ok: queued as {entry.id}")
+        txn.incoming = None
+        self._log_transaction(txn, entry.id, reply)
+        self.context.queued(entry)
+        return reply
+
+    def _commit_failed(self, failure: Failure, txn: Transaction) -> Reply:
+        log.failure("could not queue a message session={sid}", failure, sid=self.session.id)
+        txn.abort()
+        return Reply(451, "4.3.0", "Error: queue file write error")
+
+    def _entry(self, txn: Transaction, verdict: Verdict) -> QueueEntry:
+        add, remove = [], []
+        for change in verdict.changes:
+            if isinstance(change, AddHeader):
+                add.append([change.name, change.value])
+            elif isinstance(change, RemoveHeader):
+                remove.append(change.name)
+        env = txn.envelope
+        recipients = [
+            RecipientState(address=str(r), route=txn.routes.get(r.key),
+                           original=txn.originals.get(r.key))
+            for r in env.recipients
+            if r.key not in txn.discarded and "*" not in txn.discarded
+        ]
+        tls = self.session.tls
+        return QueueEntry(
+            id=txn.incoming.id,
+            sender=str(env.sender) if env.sender else "",
+            recipients=recipients,
+            arrival=time.time(),
+            size=txn.incoming.size,
+            body=env.body,
+            smtputf8=env.smtputf8,
+            client={
+                "ip": self.session.client_ip,
+                "helo": self.session.helo,
+                "tls": f"{tls.version} {tls.cipher}" if tls else None,
+                "user": self.session.user,
+            },
+            add_headers=add,
+            remove_headers=remove,
+        )
+
+    def _log_transaction(self, txn: Transaction, queue_id, result) -> None:
+        env = txn.envelope
+        tls = self.session.tls
+        log.info(
+            "{id}: client=[{ip}] session={sid} tls={tls} user={user} from=<{sender}> "
+            "to={rcpts} size={size} result={result}",
+            id=queue_id or "NOQUEUE", ip=self.session.client_ip, sid=self.session.id,
+            tls=tls.version if tls else "none", user=self.session.user or "-",
+            sender=env.sender or "", rcpts=",".join(f"<{r}>" for r in env.recipients),
+            size=txn.size, result=str(result),
+        )
+
+    def _received_header(self, txn: Transaction) -> bytes:
+        """RFC 5321 4.4 trace field, with RFC 3848 / RFC 6531 protocol names."""
+        s = self.session
+        tls = self._tls_now()
+        proto = ("UTF8SMTP" if txn.envelope.smtputf8 else "ESMTP") if s.esmtp else "SMTP"
+        if tls is not None:
+            proto += "S"
+        if s.user:
+            proto += "A"
+        lines = [f"Received: from {s.helo} (unknown [{s.client_ip}])"]
+        if tls is not None:
+            lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
+        if s.user and self.config.auth.show_user_in_received:
+            lines.append(f"\t(Authenticated sender: {s.user})")
+        lines.append(f"\tby {self.hostname} (twisted-mta) with {proto} id {txn.incoming.id}")
+        rcpts = txn.envelope.recipients
+        stamp = email.utils.formatdate(localtime=True)
+        if len(rcpts) == 1:
+            lines.append(f"\tfor <{rcpts[0]}>; {stamp}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{stamp}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class ConnectionCounter:
+    """Connections open now, in all and per client IP, for the limits."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def add(self, ip: str) -> tuple[int, int]:
+        self.total += 1
+        count = self.per_ip.get(ip, 0) + 1
+        self.per_ip[ip] = count
+        return self.total, count
+
+    def remove(self, ip: str) -> None:
+        self.total -= 1
+        count = self.per_ip.get(ip, 1) - 1
+        if count:
+            self.per_ip[ip] = count
+        else:
+            self.per_ip.pop(ip, None)
+
+
+class ESMTPFactory(Factory):
+    """Makes an L{ESMTPServer} per connection on one listener."""
+
+    def __init__(self, context: ServerContext, listen: ListenConfig,
+                 counter: ConnectionCounter | None = None):
+        self.context = context
+        self.listen = listen
+        self.counter = counter if counter is not None else ConnectionCounter()
+
+    def buildProtocol(self, addr) -> ESMTPServer:
+        p = ESMTPServer(self.context, self.listen)
+        p.factory = self
+        return p
+
+    def admit(self, proto: ESMTPServer) -> Reply | None:
+        """Count a new connection; the refusal to send if it is over a limit."""
+        ip = proto.session.client_ip
+        total, mine = self.counter.add(ip)
+        proto._counted = True
+        limits = proto.config.limits
+        host = proto.hostname
+        if total > limits.connections:
+            log.info("too many connections in all ({n}); refused [{ip}]", n=total, ip=ip)
+            return Reply(421, "4.7.0", f"{host} Error: too many connections")
+        if mine > limits.connections_per_client:
+            log.info("too many connections from [{ip}] ({n})", ip=ip, n=mine)
+            return Reply(421, "4.7.0", f"{host} Error: too many connections from {ip}")
+        return None
+
+    def release(self, proto: ESMTPServer) -> None:
+        if getattr(proto, "_counted", False):
+            proto._counted = False
+            self.counter.remove(proto.session.client_ip)

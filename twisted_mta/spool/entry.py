@@ -1,0 +1,101 @@
+"""
+What the spool keeps about a queued message: L{QueueEntry}, with one
+L{RecipientState} per recipient, and their JSON form.
+
+An entry is mutable: the delivery manager updates recipient states and
+asks the spool to save it.  Addresses are kept as text (as the grammar
+prints them) and parsed back with the grammar.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twisted_mta.smtp.grammar import Address, parse_mailbox
+
+PENDING, DELIVERED, DEFERRED, FAILED = "pending", "delivered", "deferred", "failed"
+FINAL = (DELIVERED, FAILED)
+
+
+@dataclass
+class RecipientState:
+    """
+    One recipient's delivery state.  C{state} is one of C{pending} (not yet
+    tried), C{deferred} (tried, to be tried again at C{next_try}),
+    C{delivered} or C{failed}.  C{last_reply} is the last answer from the
+    next hop (or our own reason), as text.  C{route} is a route chosen by a
+    filter (a L{Route} as a dict), which then overrides the router.
+    """
+
+    address: str
+    state: str = PENDING
+    attempts: int = 0
+    next_try: float = 0.0
+    last_reply: str | None = None
+    route: dict | None = None
+    original: str | None = None
+
+    @property
+    def mailbox(self) -> Address:
+        return parse_address(self.address)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+
+@dataclass
+class QueueEntry:
+    """
+    A queued message's envelope and state.  C{sender} is C{""} for the null
+    sender.  C{size} is the size of the message file's message part.
+    C{add_headers} are prepended, and header fields named in
+    C{remove_headers} dropped, whenever the message is read for delivery.
+    """
+
+    id: str
+    sender: str
+    recipients: list[RecipientState]
+    arrival: float
+    size: int = 0
+    body: str = "7BIT"
+    smtputf8: bool = False
+    client: dict[str, Any] = field(default_factory=dict)
+    add_headers: list[list[str]] = field(default_factory=list)
+    remove_headers: list[str] = field(default_factory=list)
+    held: bool = False
+    delay_warned: bool = False
+    bounce: bool = False  # this message is itself a DSN: never bounce it
+
+    @property
+    def sender_address(self) -> Address | None:
+        return parse_address(self.sender) if self.sender else None
+
+    @property
+    def done(self) -> bool:
+        return all(r.final for r in self.recipients)
+
+    @property
+    def attempts(self) -> int:
+        return max((r.attempts for r in self.recipients), default=0)
+
+    @property
+    def next_try(self) -> float:
+        waiting = [r.next_try for r in self.recipients if not r.final]
+        return min(waiting) if waiting else 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "QueueEntry":
+        raw = json.loads(data)
+        raw["recipients"] = [RecipientState(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+
+def parse_address(text: str) -> Address:
+    """Parse an address the spool stored (as L{Address.__str__} printed it)."""
+    return parse_mailbox(text, utf8=True)
