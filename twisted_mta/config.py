@@ -124,6 +124,7 @@ class DeliveryConfig:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     nameservers: tuple[str, ...] = ()
+    ca_file: Path | None = None  # PEM CAs for tls = "verify" (default: the system's)
 
 
 @dataclass(frozen=True)
@@ -419,6 +420,7 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         command_timeout=t.positive("command_timeout", dd.command_timeout, float),
         data_timeout=t.positive("data_timeout", dd.data_timeout, float),
         nameservers=t.strings("nameservers"),
+        ca_file=t.path("ca_file", must_exist=True),
     )
     if delivery.max_backoff < delivery.min_backoff:
         raise t.error("max_backoff", "must not be less than min_backoff")
