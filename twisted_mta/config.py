@@ -460,6 +460,7 @@ def load(path: str | os.PathLike) -> Config:
     return parse(data, file, path.resolve().parent)
 
 
+DEFAULT_FILE = "<embedded default>"
 DEFAULT_TOML = """\
 # The embedded development default (twistd -n mta without --config).
 hostname = "localhost"
@@ -478,5 +479,5 @@ networks = ["127.0.0.0/8", "::1/128"]
 def default(folder: str | os.PathLike | None = None) -> Config:
     """The embedded development default, with paths under C{folder} (default: cwd)."""
     folder = Path(folder or os.getcwd()).resolve()
-    return parse(tomllib.loads(DEFAULT_TOML), "<embedded default>", folder)
+    return parse(tomllib.loads(DEFAULT_TOML), DEFAULT_FILE, folder)
 

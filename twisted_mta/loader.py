@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import sys
 import traceback
+import weakref
 from pathlib import Path
 from types import ModuleType
 
@@ -27,7 +28,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from twisted_mta.config import Config, PluginConfig
-from twisted_mta.interfaces import IFilter, IRelayPolicy, IRouter
+from twisted_mta.interfaces import IDeliveryObserver, IFilter, IRelayPolicy, IRouter
 from twisted_mta.pipeline import LoadedPlugin, Pipeline
 
 #: Built-in plugins by short name.
@@ -55,22 +56,42 @@ def _code_location(exc: BaseException, fallback: str) -> str:
     return fallback
 
 
-def _load_file(path: Path, module_name: str, generation: int) -> ModuleType:
-    unique = f"twisted_mta_plugin_g{generation}_{module_name.replace('.', '_')}"
-    spec = importlib.util.spec_from_file_location(unique, path)
-    module = importlib.util.module_from_spec(spec)
-    # Registered while it runs so dataclasses and pickling can find it;
-    # each generation has its own name, so old sessions keep old code.
-    sys.modules[unique] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[unique]
-        raise
-    return module
+class _Build:
+    """
+    One pipeline's worth of loading: the generation, and the modules
+    executed from plugin files for it (each file once per generation).
+    """
+
+    def __init__(self, generation: int):
+        self.generation = generation
+        self.modules: dict[Path, ModuleType] = {}
+
+    def load_file(self, path: Path, module_name: str) -> ModuleType:
+        path = path.resolve()
+        if path in self.modules:
+            return self.modules[path]
+        unique = f"twisted_mta_plugin_g{self.generation}_{module_name.replace('.', '_')}"
+        spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(spec)
+        # Registered while the generation lives, so that dataclasses and
+        # tracebacks can find it; each generation has its own name, so
+        # sessions on an old generation keep running the old code.
+        sys.modules[unique] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[unique]
+            raise
+        self.modules[path] = module
+        return module
+
+    def forget(self) -> None:
+        """Drop this build's modules from sys.modules (the generation is retired)."""
+        for module in self.modules.values():
+            sys.modules.pop(module.__name__, None)
 
 
-def find_class(use: str, plugin_paths, generation: int):
+def find_class(use: str, plugin_paths, build: _Build):
     """The class named by C{use}, and where it came from."""
     target = BUILTINS.get(use, use)
     if ":" not in target:
@@ -81,7 +102,7 @@ def find_class(use: str, plugin_paths, generation: int):
     for folder in plugin_paths:
         candidate = Path(folder) / (module_name.replace(".", "/") + ".py")
         if candidate.is_file():
-            module = _load_file(candidate, module_name, generation)
+            module = build.load_file(candidate, module_name)
             break
     if module is None:
         module = importlib.import_module(module_name)
@@ -92,16 +113,21 @@ def find_class(use: str, plugin_paths, generation: int):
     return cls, getattr(module, "__file__", None) or module_name
 
 
-def load(config: Config, pc: PluginConfig, generation: int, required=None,
+#: What a [[filter]] table may name: a filter, or an observer of deliveries.
+FILTER_INTERFACES = (IFilter, IDeliveryObserver)
+
+
+def load(config: Config, pc: PluginConfig, build: _Build, required=FILTER_INTERFACES,
          extra: dict | None = None) -> LoadedPlugin:
     """
-    Load, construct and check the plugin C{pc} names.  C{required}: an
-    interface it must provide.  C{extra}: constructor arguments the server
-    supplies (for built-ins configured by their own tables).
+    Load, construct and check the plugin C{pc} names.  C{required}: the
+    interfaces of which it must declare at least one.  C{extra}:
+    constructor arguments the server supplies (for built-ins configured by
+    their own tables).  Every interface it declares is verified.
     """
     where = _where(config, pc)
     try:
-        cls, origin = find_class(pc.use, config.plugin_paths, generation)
+        cls, origin = find_class(pc.use, config.plugin_paths, build)
     except LookupError as e:
         raise PluginError(f"{where}: {e.args[0]}")
     except ImportError as e:
@@ -116,10 +142,9 @@ def load(config: Config, pc: PluginConfig, generation: int, required=None,
         raise PluginError(f"{where}: {pc.use} refused its options: "
                           f"{_code_location(e, origin)}: {type(e).__name__}: {e}")
     provided = list(providedBy(obj))
-    if required is not None and not required.providedBy(obj):
-        raise PluginError(f"{where}: {pc.use} does not provide {required.__name__}")
-    if required is None and not IFilter.providedBy(obj):
-        raise PluginError(f"{where}: {pc.use} provides no filter interface (IConnectFilter, IRcptFilter...)")
+    if not any(iface.providedBy(obj) for iface in required):
+        names = " or ".join(iface.__name__ for iface in required)
+        raise PluginError(f"{where}: {pc.use} does not declare {names} (@implementer)")
     for iface in provided:
         try:
             verifyObject(iface, obj)
@@ -129,18 +154,28 @@ def load(config: Config, pc: PluginConfig, generation: int, required=None,
 
 
 def build_pipeline(config: Config, generation: int, reactor=None) -> Pipeline:
-    """Build a whole L{Pipeline} from C{config}, or raise L{PluginError}."""
-    from twisted_mta.config import PluginConfig as PC
-
-    relay_pc = config.relay_plugin or PC("relay", {}, "relay")
-    relay_extra = {} if config.relay_plugin else {
-        "local_domains": config.relay.local_domains,
-        "relay_domains": config.relay.relay_domains,
-        "networks": config.relay.networks,
-    }
-    relay = load(config, relay_pc, generation, IRelayPolicy, relay_extra)
-    router_pc = config.router_plugin or PC("routes", {}, "route")
-    router_extra = {} if config.router_plugin else {"routes": config.routes}
-    router = load(config, router_pc, generation, IRouter, router_extra)
-    filters = [load(config, pc, generation) for pc in config.filters]
-    return Pipeline(generation, relay, router, filters, reactor=reactor)
+    """
+    Build a whole L{Pipeline} from C{config}, or raise L{PluginError}.
+    Plugin files are executed afresh; their modules are forgotten when the
+    pipeline is garbage (the last session using it has ended).
+    """
+    build = _Build(generation)
+    try:
+        relay_pc = config.relay_plugin or PluginConfig("relay", {}, "relay")
+        relay_extra = {} if config.relay_plugin else {
+            "local_domains": config.relay.local_domains,
+            "relay_domains": config.relay.relay_domains,
+            "networks": config.relay.networks,
+        }
+        relay = load(config, relay_pc, build, (IRelayPolicy,), relay_extra)
+        router_pc = config.router_plugin or PluginConfig("routes", {}, "route")
+        router_extra = {} if config.router_plugin else {"routes": config.routes}
+        router = load(config, router_pc, build, (IRouter,), router_extra)
+        filters = [load(config, pc, build) for pc in config.filters]
+    except BaseException:
+        build.forget()
+        raise
+    observers = [f for f in filters if IDeliveryObserver.providedBy(f.plugin)]
+    pipeline = Pipeline(generation, relay, router, filters, observers, reactor=reactor)
+    weakref.finalize(pipeline, build.forget)
+    return pipeline

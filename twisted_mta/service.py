@@ -6,12 +6,16 @@ L{ServerContext} every SMTP connection talks to.
 
 from __future__ import annotations
 
+import signal
+import threading
+
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_mta import loader
+from twisted_mta import config as configmod
 from twisted_mta.config import Config
 from twisted_mta.delivery.maildir import MaildirAgent
 from twisted_mta.delivery.manager import DeliveryManager
@@ -24,6 +28,10 @@ log = Logger()
 
 class StartupError(Exception):
     """The service cannot start; the text says why, in one line."""
+
+
+class ReloadError(Exception):
+    """A reload was refused; the text says why, in one line.  Nothing changed."""
 
 
 class MTAService(service.MultiService, ServerContext):
@@ -64,6 +72,13 @@ class MTAService(service.MultiService, ServerContext):
                      "certificate for {host}", host=config.hostname)
         return tlsmod.server_options(key, chain)
 
+    def _tls_for(self, config: Config, old: Config | None = None):
+        """The TLS options for C{config}; a generated certificate is kept across reloads."""
+        if (old is not None and config.tls == old.tls and config.tls.certificate is None
+                and config.hostname == old.hostname and self.tls_options is not None):
+            return self.tls_options.options
+        return self._load_tls(config)
+
     def prepare(self) -> None:
         """
         Everything that can fail before the server listens: certificates,
@@ -73,7 +88,7 @@ class MTAService(service.MultiService, ServerContext):
             self.pipeline = loader.build_pipeline(self.config, generation=1, reactor=self.reactor)
         except loader.PluginError as e:
             raise StartupError(str(e))
-        self.tls_options = self._load_tls(self.config)
+        self.tls_options = tlsmod.SwappableServerTLS(self._tls_for(self.config))
         try:
             entries = self.spool.prepare()
         except OSError as e:
@@ -82,9 +97,63 @@ class MTAService(service.MultiService, ServerContext):
         if entries:
             log.info("spool: {n} queued messages recovered", n=len(entries))
 
+    # --- reload -------------------------------------------------------------
+
+    def reload(self) -> defer.Deferred:
+        """
+        Read the configuration file again, build a new pipeline (plugin code
+        read afresh), new TLS options, and swap them in together, only if all
+        of it built.  Fires with the new generation number, or fails with
+        L{ReloadError} saying why; a failed reload changes nothing.
+        Sessions keep the pipeline their transaction began with.
+        """
+        old = self.config
+        try:
+            if old.file == configmod.DEFAULT_FILE:
+                new = configmod.default(old.folder)
+            else:
+                new = configmod.load(old.file)
+            pipeline = loader.build_pipeline(new, self.pipeline.generation + 1, reactor=self.reactor)
+            options = self._tls_for(new, old)
+            if self.auth is not None and hasattr(self.auth, "reload"):
+                self.auth.reload(new)
+        except (configmod.ConfigError, loader.PluginError, StartupError, ValueError) as e:
+            log.error("reload refused, generation {gen} keeps running: {why}",
+                      gen=self.pipeline.generation, why=str(e))
+            return defer.fail(ReloadError(str(e)))
+        notes = self._unapplied(old, new)
+        self.config = new
+        self.pipeline = pipeline
+        self.tls_options.options = options
+        for note in notes:
+            log.warn("reload: {note}", note=note)
+        log.info("reloaded: generation {gen} with filters {names}", gen=pipeline.generation,
+                 names=[f.name for f in pipeline.filters] or "none")
+        return defer.succeed(pipeline.generation)
+
+    @staticmethod
+    def _unapplied(old: Config, new: Config) -> list[str]:
+        """What a reload cannot change while running: said, never silently ignored."""
+        notes = []
+        if old.listen != new.listen:
+            notes.append("[[listen]] changed; listeners change only on restart")
+        if old.spool != new.spool:
+            notes.append("spool changed; the spool folder changes only on restart")
+        if old.control != new.control:
+            notes.append("control changed; the control endpoint changes only on restart")
+        return notes
+
+    def _sighup(self, signum, frame) -> None:
+        self.reactor.callFromThread(self._reload_logged)
+
+    def _reload_logged(self) -> None:
+        self.reload().addErrback(lambda f: None)  # reload() has logged why
+
     def startService(self) -> None:
         if self.pipeline is None:
             self.prepare()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._sighup)
         for listen in self.config.listen:
             factory = ESMTPFactory(self, listen, self.counter)
             if listen.tls == "implicit":

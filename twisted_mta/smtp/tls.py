@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
+from zope.interface import implementer
 
 from twisted_mta.values import TLSInfo
 
@@ -107,3 +108,19 @@ def tls_info(transport) -> TLSInfo | None:
         )
     except Exception:
         return TLSInfo("TLS", "", 0)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SwappableServerTLS:
+    """
+    Server TLS whose certificate can be replaced while listeners keep
+    running: each new TLS connection (STARTTLS or implicit) is made with
+    the options current at that moment.  Connections already in TLS keep
+    theirs.
+    """
+
+    def __init__(self, options: ssl.CertificateOptions):
+        self.options = options
+
+    def serverConnectionForTLS(self, protocol):
+        return self.options.serverConnectionForTLS(protocol)
