@@ -62,10 +62,9 @@ def call_hook(reactor, loaded: LoadedPlugin, method: str, *args) -> Deferred:
     with a L{Verdict} (or, for non-filter hooks, the value returned).  Never
     fails: a plugin's failure becomes L{PLUGIN_FAILURE}.
     """
-    func = getattr(loaded.plugin, method)
     started = time.perf_counter()
     try:
-        result = func(*args)
+        result = getattr(loaded.plugin, method)(*args)
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
     except Exception:
@@ -147,8 +146,7 @@ class Pipeline:
                 if not d.called:
                     d.addCallback(lambda v, i=i: answered(i, v))
                     return
-                value = d.result  # already fired: avoid recursion on long chains
-                d.addErrback(lambda f: None)
+                value = d.result  # already fired: a loop, not recursion, for long chains
                 verdict = _as_verdict(value, filters[i], stage)
                 changes.extend(verdict.changes)
                 if verdict.action is not Action.CONTINUE:
