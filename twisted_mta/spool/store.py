@@ -302,6 +302,11 @@ class Spool:
             raise SpoolError(f"{queue_id}: no such queue entry")
         except (ValueError, KeyError, TypeError) as e:
             raise SpoolError(f"{queue_id}: unreadable envelope: {e}")
+        if entry.id != queue_id:
+            # The envelope names its own file.  A message body that ends in
+            # a forged envelope and commit record (a crash before our own
+            # was written) cannot know the random id, so it is not a commit.
+            raise SpoolError("no commit record")
         entry.size = size
         return entry
 
