@@ -16,6 +16,7 @@ for code problems the file and line.
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 import sys
 import traceback
@@ -30,6 +31,7 @@ from zope.interface.verify import verifyObject
 from twisted_mta.config import Config, PluginConfig
 from twisted_mta.interfaces import IDeliveryObserver, IFilter, IRelayPolicy, IRouter
 from twisted_mta.pipeline import LoadedPlugin, Pipeline
+from twisted_mta.values import PluginContext, SharedState
 
 #: Built-in plugins by short name.
 BUILTINS: dict[str, str] = {
@@ -62,9 +64,17 @@ class _Build:
     executed from plugin files for it (each file once per generation).
     """
 
-    def __init__(self, generation: int):
+    def __init__(self, generation: int, shared: SharedState | None = None, reactor=None):
         self.generation = generation
         self.modules: dict[Path, ModuleType] = {}
+        self.shared = shared if shared is not None else SharedState()
+        self.reactor = reactor
+
+    def context(self, config: Config, where: str) -> PluginContext:
+        state = Path(config.spool) / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        return PluginContext(folder=config.folder, state_folder=state, shared=self.shared,
+                             where=where, config=config, reactor=self.reactor)
 
     def load_file(self, path: Path, module_name: str) -> ModuleType:
         path = path.resolve()
@@ -134,8 +144,11 @@ def load(config: Config, pc: PluginConfig, build: _Build, required=FILTER_INTERF
         raise PluginError(f"{where}: cannot import {pc.use}: {e}")
     except Exception as e:
         raise PluginError(f"{where}: {_code_location(e, pc.use)}: {type(e).__name__}: {e}")
+    kwargs = {**(extra or {}), **pc.options}
+    if _takes_context(cls):
+        kwargs["context"] = build.context(config, where)
     try:
-        obj = cls(**{**(extra or {}), **pc.options})
+        obj = cls(**kwargs)
     except TypeError as e:
         raise PluginError(f"{where}: bad options for {pc.use}: {e}")
     except Exception as e:
@@ -153,13 +166,21 @@ def load(config: Config, pc: PluginConfig, build: _Build, required=FILTER_INTERF
     return LoadedPlugin(pc.use, obj, str(origin), pc.timeout)
 
 
-def build_pipeline(config: Config, generation: int, reactor=None) -> Pipeline:
+def _takes_context(cls) -> bool:
+    try:
+        return "context" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_pipeline(config: Config, generation: int, reactor=None,
+                   shared: SharedState | None = None) -> Pipeline:
     """
     Build a whole L{Pipeline} from C{config}, or raise L{PluginError}.
     Plugin files are executed afresh; their modules are forgotten when the
     pipeline is garbage (the last session using it has ended).
     """
-    build = _Build(generation)
+    build = _Build(generation, shared, reactor)
     try:
         relay_pc = config.relay_plugin or PluginConfig("relay", {}, "relay")
         relay_extra = {} if config.relay_plugin else {

@@ -22,6 +22,7 @@ from twisted_mta.delivery.manager import DeliveryManager
 from twisted_mta.smtp import tls as tlsmod
 from twisted_mta.smtp.server import ConnectionCounter, ESMTPFactory, ServerContext
 from twisted_mta.spool.store import Spool
+from twisted_mta.values import SharedState
 
 log = Logger()
 
@@ -46,6 +47,7 @@ class MTAService(service.MultiService, ServerContext):
         self.tls_options = None
         self.auth = None
         self.counter = ConnectionCounter()
+        self.shared = SharedState()  # plugins' state, kept across reloads
         self.ports: list = []
         self.agents = {"maildir": MaildirAgent(self.spool, reactor)}
         self.delivery = DeliveryManager(
@@ -85,7 +87,8 @@ class MTAService(service.MultiService, ServerContext):
         plugins, the spool.  Raises L{StartupError} with the reason.
         """
         try:
-            self.pipeline = loader.build_pipeline(self.config, generation=1, reactor=self.reactor)
+            self.pipeline = loader.build_pipeline(self.config, generation=1, reactor=self.reactor,
+                                                  shared=self.shared)
         except loader.PluginError as e:
             raise StartupError(str(e))
         self.tls_options = tlsmod.SwappableServerTLS(self._tls_for(self.config))
@@ -113,7 +116,8 @@ class MTAService(service.MultiService, ServerContext):
                 new = configmod.default(old.folder)
             else:
                 new = configmod.load(old.file)
-            pipeline = loader.build_pipeline(new, self.pipeline.generation + 1, reactor=self.reactor)
+            pipeline = loader.build_pipeline(new, self.pipeline.generation + 1, reactor=self.reactor,
+                                              shared=self.shared)
             options = self._tls_for(new, old)
             if self.auth is not None and hasattr(self.auth, "reload"):
                 self.auth.reload(new)

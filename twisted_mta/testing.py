@@ -80,8 +80,11 @@ def load(use: str, plugin_paths: list[str] | tuple[str, ...] = ("plugins",),
     Load a plugin the way the server does (by short name or C{module:Class},
     constructed from C{options}, checked against the interfaces it
     declares).  Raises L{loader.PluginError} with the server's message.
+    A plugin that takes a C{context} gets one whose state folder is a new
+    temporary folder.
     """
-    cfg = parse({"plugin_paths": [str(Path(p).resolve()) for p in plugin_paths]},
+    cfg = parse({"plugin_paths": [str(Path(p).resolve()) for p in plugin_paths],
+                 "spool": tempfile.mkdtemp(prefix="mta-test-spool-")},
                 "<test>", Path.cwd())
     pc = PluginConfig(use, dict(options), "filter[test]", timeout)
     return loader.load(cfg, pc, loader._Build(0), required=ANY_PLUGIN)

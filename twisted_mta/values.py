@@ -279,3 +279,44 @@ class Verdict:
 
 
 CONTINUE = Verdict()
+
+
+class SharedState:
+    """
+    Values a plugin keeps across reloads (counters, caches): one store per
+    server, handed to every generation.  L{get} returns the value stored
+    under C{key}, making it with C{factory()} the first time.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict = {}
+
+    def get(self, key, factory):
+        if key not in self._values:
+            self._values[key] = factory()
+        return self._values[key]
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """
+    What the server offers a plugin when it builds it: a plugin whose
+    constructor has a parameter named C{context} is given one.
+
+    @ivar folder: the configuration file's folder; resolve relative paths
+        from options against it.
+    @ivar state_folder: a folder (under the spool) for files a plugin keeps
+        across restarts; it exists.
+    @ivar shared: a L{SharedState} kept across reloads.
+    @ivar where: the table that configured the plugin, for messages
+        (C{mta.toml: filter[2]}).
+    @ivar config: the whole configuration being loaded.
+    @ivar reactor: the reactor, for timers and DNS.
+    """
+
+    folder: object
+    state_folder: object
+    shared: SharedState
+    where: str
+    config: object = None
+    reactor: object = None
