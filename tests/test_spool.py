@@ -156,3 +156,17 @@ class ThreadedSpoolTests(unittest.TestCase):
             yield spool.commit(incoming, entry)
         self.assertFalse(incoming.path.exists())
         self.flushLoggedErrors(OSError)
+
+
+class DropFieldsTests(unittest.SynchronousTestCase):
+    HEAD = (b"Received: from a by internal.example.test\r\n\tid 1\r\n"
+            b"Received: from b by mx.example.test\r\nSubject: s\r\n\r\n")
+
+    def test_by_name(self):
+        from twisted_mta.spool.store import _drop_fields
+        self.assertEqual(_drop_fields(self.HEAD, ["received"]), b"Subject: s\r\n\r\n")
+
+    def test_by_pattern_on_unfolded_value(self):
+        from twisted_mta.spool.store import _drop_fields
+        self.assertEqual(_drop_fields(self.HEAD, [["Received", r"internal\.example\.test\s+id 1"]]),
+                         b"Received: from b by mx.example.test\r\nSubject: s\r\n\r\n")

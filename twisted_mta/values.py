@@ -193,9 +193,14 @@ class AddHeader:
 
 @dataclass(frozen=True)
 class RemoveHeader:
-    """Remove every header field called C{name} (case-insensitive)."""
+    """
+    Remove every header field called C{name} (case-insensitive) or, with
+    C{pattern}, those whose unfolded value matches that regular expression
+    (C{re.search}).
+    """
 
     name: str
+    pattern: str | None = None
 
 
 @dataclass(frozen=True)

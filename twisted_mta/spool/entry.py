@@ -51,8 +51,9 @@ class QueueEntry:
     """
     A queued message's envelope and state.  C{sender} is C{""} for the null
     sender.  C{size} is the size of the message file's message part.
-    C{add_headers} are prepended, and header fields named in
-    C{remove_headers} dropped, whenever the message is read for delivery.
+    C{add_headers} ([name, value] pairs) are prepended, and header fields
+    matching C{remove_headers} ([name, regex or None] pairs) dropped,
+    whenever the message is read for delivery.
     """
 
     id: str
@@ -64,7 +65,7 @@ class QueueEntry:
     smtputf8: bool = False
     client: dict[str, Any] = field(default_factory=dict)
     add_headers: list[list[str]] = field(default_factory=list)
-    remove_headers: list[str] = field(default_factory=list)
+    remove_headers: list[list] = field(default_factory=list)
     held: bool = False
     delay_warned: bool = False
     bounce: bool = False  # this message is itself a DSN: never bounce it

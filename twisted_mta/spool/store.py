@@ -23,6 +23,7 @@ next batch, whose files are synced in parallel and share one folder sync.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 import zlib
@@ -363,7 +364,7 @@ class Spool:
         with open(self.queue / entry.id, "rb") as f:
             if entry.remove_headers:
                 head, remaining = _read_head(f, remaining)
-                yield _drop_fields(head, {n.lower() for n in entry.remove_headers})
+                yield _drop_fields(head, entry.remove_headers)
             while remaining > 0:
                 chunk = f.read(min(chunk_size, remaining))
                 if not chunk:
@@ -424,17 +425,37 @@ def _read_head(f, limit: int) -> tuple[bytes, int]:
     return head[:cut], limit - cut
 
 
-def _drop_fields(head: bytes, names: set[str]) -> bytes:
-    """C{head} without the header fields (with their folded lines) named in C{names}."""
-    out = []
-    dropping = False
+def _drop_fields(head: bytes, rules: list) -> bytes:
+    """
+    C{head} without the header fields (with their folded lines) that match
+    a rule: C{[name, regex or None]} (a bare name string is C{[name, None]}).
+    """
+    compiled: dict[str, list] = {}
+    for rule in rules:
+        name, pattern = (rule, None) if isinstance(rule, str) else (rule[0], rule[1])
+        compiled.setdefault(name.lower(), []).append(re.compile(pattern) if pattern else None)
+    out: list[bytes] = []
+    field: list[bytes] = []
+
+    def flush() -> None:
+        if not field:
+            return
+        first = field[0]
+        name = first.split(b":", 1)[0].decode("utf-8", "replace").strip().lower()
+        patterns = compiled.get(name) if b":" in first else None
+        if patterns:
+            value = b"".join(field).split(b":", 1)[1].decode("utf-8", "replace").strip()
+            if any(p is None or p.search(value) for p in patterns):
+                field.clear()
+                return
+        out.extend(field)
+        field.clear()
+
     for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                out.append(line)
+        if line[:1] in (b" ", b"\t") and field:
+            field.append(line)
             continue
-        name = line.split(b":", 1)[0].decode("utf-8", "replace").strip().lower()
-        dropping = b":" in line and name in names
-        if not dropping:
-            out.append(line)
+        flush()
+        field.append(line)
+    flush()
     return b"\r\n".join(out)
