@@ -122,6 +122,7 @@ class ESMTPServer(Protocol):
         self._discarding = False  # inside an overlong line
         self._reader: DataReader | ChunkReader | None = None
         self._busy = False  # a command is waiting on a Deferred
+        self._processing = False  # inside _process
         self._pauses: set[str] = set()
         self._closed = False
         self._greeted = False
@@ -219,11 +220,14 @@ class ESMTPServer(Protocol):
 
     # IPushProducer: the transport tells us when its write buffer is full,
     # which happens when a client pipelines and never reads the replies.
+    # Commands already buffered then wait too: answering them would only
+    # fill the buffer further.
     def pauseProducing(self) -> None:
         self._pause("writes")
 
     def resumeProducing(self) -> None:
         self._resume("writes")
+        self._process()
 
     def stopProducing(self) -> None:
         self._closed = True
@@ -270,8 +274,22 @@ class ESMTPServer(Protocol):
         self._process()
 
     def _process(self) -> None:
-        """Handle what is buffered, until it runs out or a command must wait."""
-        while not self._busy and not self._closed and self._greeted:
+        """
+        Handle what is buffered, until it runs out, a command must wait or
+        the transport cannot take more replies.  Never re-entered: a call
+        made while it runs (a Deferred that fired at once, a resume) is
+        left to the loop already running.
+        """
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
+        while not self._pauses and not self._closed and self._greeted:
             if self._reader is not None:
                 if self._pos >= len(self._buffer):
                     break
@@ -343,12 +361,29 @@ class ESMTPServer(Protocol):
             log.failure("error handling {verb} session={sid}", verb=verb, sid=self.session.id)
             result = R.LOCAL_ERROR
         if isinstance(result, Deferred):
-            self._busy = True
-            self._pause("command")
-            result.addErrback(self._command_failed, verb)
-            result.addCallback(self._answer_later)
+            self._answer_deferred(result, verb)
         elif result is not None:
             self._answer(result)
+
+    def _answer_deferred(self, d: Deferred, verb: str) -> None:
+        """
+        Answer with what C{d} fires with (a L{Reply}, or C{None} when the
+        handler answered itself).  If it has fired already, the answer goes
+        now and reading goes on (most commands: no plugin waits), without
+        pausing the transport or recursing into L{_process}.  Otherwise
+        reading stops until it fires, so replies keep the order of the
+        commands and a pipelining client cannot make us buffer more.
+        """
+        d.addErrback(self._command_failed, verb)
+        fired: list = []
+        d.addCallback(fired.append)
+        if fired:
+            if fired[0] is not None:
+                self._answer(fired[0])
+            return
+        self._busy = True
+        self._pause("command")
+        d.addCallback(lambda _: self._answer_later(fired[0]))
 
     def _command_failed(self, failure: Failure, verb: str) -> Reply:
         log.failure("error handling {verb} session={sid}", failure, verb=verb, sid=self.session.id)
@@ -506,7 +541,12 @@ class ESMTPServer(Protocol):
             self._close()
             return None
         if action is Action.TEMPFAIL:
-            return Reply(451, verdict.enhanced or "4.7.1", verdict.text or "Try again later")
+            # 450 at the envelope stages, as the Verdict contract says;
+            # 451 (local error) at data and whenever the cause is ours, a
+            # 4.3.x system error such as a plugin that failed.
+            enhanced = verdict.enhanced or "4.7.1"
+            code = 451 if stage == "data" or enhanced.startswith("4.3.") else 450
+            return Reply(code, enhanced, verdict.text or "Try again later")
         code = 554 if stage in ("connect", "data") else 550
         return Reply(code, verdict.enhanced or "5.7.1", verdict.text or "Rejected")
 
@@ -752,11 +792,9 @@ class ESMTPServer(Protocol):
         if tail:
             txn.incoming.write(tail)
             txn.size += len(tail)
-        self._busy = True
-        self._pause("command")
         d = maybeDeferred(self._check_and_commit, txn)
         d.addErrback(self._commit_failed, txn)
-        d.addCallback(self._answer_later)
+        self._answer_deferred(d, "DATA")
 
     def _check_and_commit(self, txn: Transaction) -> Deferred:
         incoming = txn.incoming

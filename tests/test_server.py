@@ -1,0 +1,1230 @@
+"""
+Tests for L{twisted_mta.smtp.server}: the ESMTP server protocol, driven
+through Twisted's in-memory transports.
+
+Most tests talk to one L{ESMTPServer} over a L{StringTransport}; every
+reply the server sends is recorded as a L{Reply} (so the code and the
+enhanced code can be checked even where the wire shows no enhanced code,
+before EHLO) and the wire bytes are checked where their form matters.
+STARTTLS tests connect a small client over L{twisted.test.iosim} with
+real TLS (L{twisted.protocols.tls}) on both ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test import iosim
+from twisted.trial import unittest
+from zope.interface import directlyProvides, implementer
+
+from twisted_mta.interfaces import IConnectFilter, IDataFilter, IMailFilter, IRcptFilter
+from twisted_mta.pipeline import LoadedPlugin, Pipeline
+from twisted_mta.smtp import grammar
+from twisted_mta.smtp.replies import Reply
+from twisted_mta.smtp.server import ESMTPFactory
+from twisted_mta.smtp.tls import self_signed, server_options
+from twisted_mta.values import AddHeader, Verdict
+
+from tests.support import FakeContext, make_config
+
+TRUSTED_IP = "192.0.2.5"  # inside the test config's networks
+UNTRUSTED_IP = "198.51.100.7"
+SERVER_ADDR = IPv4Address("TCP", "192.0.2.1", 25)
+
+EHLO_KEYWORDS = ["PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8",
+                 "ENHANCEDSTATUSCODES", "CHUNKING"]
+
+_tls_options = None
+
+
+def tls_options():
+    """Server TLS options with a self-signed certificate (made once per run)."""
+    global _tls_options
+    if _tls_options is None:
+        _tls_options = server_options(*self_signed("mx.example.test"))
+    return _tls_options
+
+
+# --- a client over a StringTransport ---------------------------------------------
+
+
+class Conn:
+    """
+    One server protocol on a L{StringTransport}.  L{send} feeds it bytes;
+    L{take} returns the replies it has sent since the last call.
+    """
+
+    def __init__(self, factory: ESMTPFactory, ip: str = TRUSTED_IP, transport=None):
+        if transport is None:
+            transport = StringTransport(hostAddress=SERVER_ADDR,
+                                        peerAddress=IPv4Address("TCP", ip, 40000))
+        self.transport = transport
+        self.proto = factory.buildProtocol(transport.getPeer())
+        self.sent: list[Reply] = []
+        send = self.proto._send
+
+        def record(reply: Reply) -> None:
+            if not self.proto._closed:
+                self.sent.append(reply)
+            send(reply)
+
+        # Every reply goes through _send: record the values as well as
+        # the bytes, so enhanced codes can be checked before EHLO too.
+        self.proto._send = record
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.proto.dataReceived(data)
+
+    def take(self) -> list[Reply]:
+        """The replies sent since the last call."""
+        replies, self.sent = self.sent, []
+        return replies
+
+    def wire(self) -> bytes:
+        """The bytes written since the last call."""
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        """The connection is gone (as the reactor would report it)."""
+        self.proto.connectionLost(None)
+
+
+class ServerTestCase(unittest.TestCase):
+    """Builds a context and connections; asserts on replies."""
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir(parents=True)
+        self.ctx = self.context()
+
+    def context(self, tls=None, **sections) -> FakeContext:
+        config = make_config(self.folder, **sections)
+        return FakeContext(self.folder, config=config, tls_options=tls)
+
+    def factory(self, ctx=None, **listen) -> ESMTPFactory:
+        ctx = ctx if ctx is not None else self.ctx
+        return ESMTPFactory(ctx, dataclasses.replace(ctx.config.listen[0], **listen))
+
+    def connect(self, ip: str = TRUSTED_IP, factory=None, greet=True, **listen) -> Conn:
+        conn = Conn(factory if factory is not None else self.factory(**listen), ip)
+        if greet:
+            self.assertReply(conn.take(), 220)
+            conn.wire()
+        return conn
+
+    def use_filters(self, *plugins, timeout: float = 30.0) -> None:
+        """Make C{plugins} the context's filters (after the configured relay rules)."""
+        old = self.ctx.pipeline
+        self.ctx.pipeline = Pipeline(
+            old.generation + 1, old.relay, old.router,
+            [LoadedPlugin(type(p).__name__, p, "test", timeout) for p in plugins],
+            reactor=self.ctx.reactor)
+
+    def assertReply(self, replies, code: int, enhanced: str | None = None,
+                    text: str | None = None) -> Reply:
+        """C{replies} is one reply with C{code} and C{enhanced} (and C{text} in it)."""
+        self.assertEqual(len(replies), 1, f"expected one reply, got {[str(r) for r in replies]}")
+        return self.assertIsReply(replies[0], code, enhanced, text)
+
+    def assertIsReply(self, reply: Reply, code: int, enhanced: str | None = None,
+                      text: str | None = None) -> Reply:
+        self.assertEqual((reply.code, reply.enhanced), (code, enhanced), str(reply))
+        if text is not None:
+            self.assertIn(text, "\n".join(reply.lines))
+        return reply
+
+    def assertReplies(self, replies, expected) -> None:
+        """C{replies} are, in order, the (code, enhanced) pairs C{expected}."""
+        self.assertEqual([(r.code, r.enhanced) for r in replies], list(expected),
+                         [str(r) for r in replies])
+
+    def cmd(self, conn: Conn, line: str | bytes, code: int, enhanced: str | None = None,
+            text: str | None = None) -> Reply:
+        """Send one command line; it gets exactly one reply, as given."""
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        conn.wire()
+        conn.send(line + b"\r\n")
+        return self.assertReply(conn.take(), code, enhanced, text)
+
+    def ready(self, ip: str = TRUSTED_IP, conn=None, **listen) -> Conn:
+        """A connection that has said EHLO."""
+        conn = conn if conn is not None else self.connect(ip, **listen)
+        self.cmd(conn, "EHLO client.example.test", 250)
+        conn.wire()
+        return conn
+
+    def envelope(self, conn: Conn, *rcpts: str, sender: str = "sender@example.org") -> None:
+        self.cmd(conn, f"MAIL FROM:<{sender}>", 250, "2.1.0")
+        for rcpt in rcpts or ("rcpt@example.test",):
+            self.cmd(conn, f"RCPT TO:<{rcpt}>", 250, "2.1.5")
+
+    def send_message(self, conn: Conn, body: bytes, *rcpts: str, **kw) -> Reply:
+        """A whole DATA transaction; returns the final reply."""
+        self.envelope(conn, *rcpts, **kw)
+        self.cmd(conn, "DATA", 354)
+        conn.send(body + b".\r\n")
+        replies = conn.take()
+        self.assertEqual(len(replies), 1, [str(r) for r in replies])
+        return replies[0]
+
+    def stored(self, entry) -> bytes:
+        """The message of a queued entry, as it would be delivered."""
+        return b"".join(self.ctx.spool.read_message(entry))
+
+    def stored_file(self, entry) -> bytes:
+        """The message part of a queued entry's spool file (what was received)."""
+        return self.ctx.spool.message_path(entry.id).read_bytes()[: entry.size]
+
+    def received_body(self, entry) -> bytes:
+        """The stored message without our Received header (its first field)."""
+        data = self.stored_file(entry)
+        self.assertTrue(data.startswith(b"Received: "), data[:60])
+        # The Received field is folded: it ends at the first line that
+        # does not start with white space.
+        lines = data.split(b"\r\n")
+        i = 1
+        while lines[i][:1] in (b"\t", b" "):
+            i += 1
+        return b"\r\n".join(lines[i:])
+
+
+# --- greeting, EHLO and the simple commands ----------------------------------------
+
+
+class GreetingTests(ServerTestCase):
+
+    def test_greeting(self) -> None:
+        conn = self.connect(greet=False)
+        self.assertReply(conn.take(), 220, None, "mx.example.test ESMTP")
+        self.assertEqual(conn.wire(), b"220 mx.example.test ESMTP twisted-mta\r\n")
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_ehlo_keywords(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "EHLO client.example.test", 250)
+        lines = conn.wire().decode("ascii").split("\r\n")
+        self.assertEqual(lines[-1], "")
+        self.assertEqual(lines[:-1], ["250-mx.example.test"]
+                         + [f"250-{k}" for k in EHLO_KEYWORDS[:-1]]
+                         + [f"250 {EHLO_KEYWORDS[-1]}"])
+
+    def test_ehlo_size_is_the_limit(self) -> None:
+        self.ctx = self.context(limits={"message_size": 12345})
+        conn = self.connect()
+        reply = self.cmd(conn, "EHLO c", 250)
+        self.assertIn("SIZE 12345", reply.lines)
+
+    def test_ehlo_offers_starttls(self) -> None:
+        self.ctx = self.context(tls=tls_options())
+        conn = self.connect()
+        reply = self.cmd(conn, "EHLO c", 250)
+        self.assertEqual(list(reply.lines[1:]), EHLO_KEYWORDS + ["STARTTLS"])
+        self.assertTrue(conn.wire().endswith(b"250-CHUNKING\r\n250 STARTTLS\r\n"))
+
+    def test_no_starttls_without_certificate(self) -> None:
+        conn = self.connect()
+        reply = self.cmd(conn, "EHLO c", 250)
+        self.assertNotIn("STARTTLS", reply.lines)
+        self.cmd(conn, "STARTTLS", 502, "5.5.1")
+
+    def test_no_starttls_on_tls_none_listener(self) -> None:
+        self.ctx = self.context(tls=tls_options())
+        conn = self.connect(tls="none")
+        reply = self.cmd(conn, "EHLO c", 250)
+        self.assertNotIn("STARTTLS", reply.lines)
+        self.cmd(conn, "STARTTLS", 502, "5.5.1")
+        self.assertEqual(conn.wire(), b"502 5.5.1 Error: command not implemented\r\n")
+
+    def test_helo(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "HELO client.example.test", 250)
+        self.assertEqual(conn.wire(), b"250 mx.example.test\r\n")
+        self.assertEqual(conn.proto.session.helo, "client.example.test")
+        self.assertFalse(conn.proto.session.esmtp)
+
+    def test_helo_needs_a_name(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "HELO", 501, "5.5.4")
+        self.cmd(conn, "EHLO", 501, "5.5.4")
+        self.cmd(conn, "EHLO two words", 501, "5.5.4")
+
+    def test_enhanced_codes_after_ehlo(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.assertEqual(conn.wire(), b"250 2.0.0 Ok\r\n")
+        self.cmd(conn, "FOO", 500, "5.5.1")
+        self.assertEqual(conn.wire(), b"500 5.5.1 Error: command not recognized\r\n")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.assertEqual(conn.wire(), b"250 2.1.0 Ok\r\n")
+
+    def test_no_enhanced_codes_after_helo(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "HELO c", 250)
+        conn.wire()
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.assertEqual(conn.wire(), b"250 Ok\r\n")
+        self.cmd(conn, "FOO", 500, "5.5.1")
+        self.assertEqual(conn.wire(), b"500 Error: command not recognized\r\n")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.assertEqual(conn.wire(), b"250 Ok\r\n")
+
+    def test_helo_after_ehlo_drops_enhanced_codes(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "HELO c", 250)
+        conn.wire()
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.assertEqual(conn.wire(), b"250 Ok\r\n")
+
+    def test_ehlo_resets_transaction(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "EHLO again", 250)
+        self.cmd(conn, "DATA", 503, "5.5.1")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+
+    def test_noop(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.cmd(conn, "noop with an argument", 250, "2.0.0")
+
+    def test_rset(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "RSET", 250, "2.0.0")
+        self.cmd(conn, "DATA", 503, "5.5.1")
+        self.cmd(conn, "RCPT TO:<a@example.test>", 503, "5.5.1")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+
+    def test_rset_argument(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "RSET now", 501, "5.5.4")
+
+    def test_vrfy(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "VRFY postmaster", 252, "2.0.0")
+        self.cmd(conn, "VRFY", 501, "5.5.4")
+
+    def test_help(self) -> None:
+        conn = self.ready()
+        reply = self.cmd(conn, "HELP", 214, "2.0.0")
+        self.assertIn("EHLO", reply.lines[0])
+        self.cmd(conn, "HELP MAIL", 214, "2.0.0")
+
+    def test_quit(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "QUIT", 221, "2.0.0")
+        self.assertEqual(conn.wire(), b"221 2.0.0 Bye\r\n")
+        self.assertTrue(conn.closed)
+
+    def test_quit_ends_reading(self) -> None:
+        """Nothing pipelined behind QUIT is executed."""
+        conn = self.ready()
+        conn.send(b"QUIT\r\nMAIL FROM:<a@example.org>\r\nNOOP\r\n")
+        self.assertReply(conn.take(), 221, "2.0.0")
+        self.assertTrue(conn.closed)
+        self.assertNotIn("MAIL", conn.proto.counts)
+
+    def test_quit_aborts_transaction(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: half\r\n")
+        conn.lose()
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+
+    def test_unknown_command(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "XYZZY", 500, "5.5.1")
+        self.cmd(conn, "EXPN staff", 500, "5.5.1")
+        self.cmd(conn, "AUTH PLAIN AAAA", 500, "5.5.1")
+        self.cmd(conn, "", 500, "5.5.1")
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+
+    def test_lower_case_verbs(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "ehlo c", 250)
+        self.cmd(conn, "mail from:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "rcpt to:<b@example.test>", 250, "2.1.5")
+
+
+# --- MAIL and RCPT ---------------------------------------------------------------
+
+
+class EnvelopeTests(ServerTestCase):
+
+    def test_mail_before_helo(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 503, "5.5.1", "send HELO/EHLO first")
+        # Before EHLO the wire shows no enhanced code (RFC 2034).
+        self.assertEqual(conn.wire(), b"503 Error: send HELO/EHLO first\r\n")
+
+    def test_nested_mail(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "MAIL FROM:<b@example.org>", 503, "5.5.1", "nested MAIL")
+
+    def test_rcpt_before_mail(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "RCPT TO:<a@example.test>", 503, "5.5.1", "need MAIL")
+
+    def test_data_before_rcpt(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "DATA", 503, "5.5.1")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "DATA", 554, "5.5.1", "no valid recipients")
+
+    def test_data_with_no_valid_recipients(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@foreign.test>", 554, "5.7.1")
+        self.cmd(conn, "DATA", 554, "5.5.1", "no valid recipients")
+        # The transaction is still open: a good recipient makes it work.
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+        self.cmd(conn, "DATA", 354)
+
+    def test_null_sender(self) -> None:
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: bounce\r\n\r\nhi\r\n", sender="")
+        self.assertIsReply(reply, 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(entry.sender, "")
+
+    def test_postmaster(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<Postmaster>", 250, "2.1.5")
+        self.cmd(conn, "RCPT TO:<POSTMASTER>", 250, "2.1.5")
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: hi\r\n\r\nhi\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual([r.address for r in entry.recipients], ["postmaster@example.test"])
+
+    def test_postmaster_with_a_domain_is_ordinary(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<postmaster@foreign.test>", 554, "5.7.1")
+
+    def test_bad_sender_syntax(self) -> None:
+        conn = self.ready()
+        for arg in ("<no domain>", "<a@@example.org>", "a@example.org", "<a@example.org",
+                    "<a@-bad-.org>", '<"unterminated@example.org>'):
+            self.cmd(conn, f"MAIL FROM:{arg}", 501, "5.1.7")
+        self.cmd(conn, "MAIL FROM <a@example.org>", 501, "5.5.4")
+        self.cmd(conn, "MAIL", 501, "5.5.4")
+
+    def test_bad_recipient_syntax(self) -> None:
+        self.ctx = self.context(limits={"bad_commands": 100})
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        for arg in ("<>", "<no domain>", "b@example.test", "<b@>", "<@example.test>"):
+            self.cmd(conn, f"RCPT TO:{arg}", 501, "5.1.3")
+        self.cmd(conn, "RCPT <b@example.test>", 501, "5.5.4")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+
+    def test_space_after_colon(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM: <a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO: <b@example.test>", 250, "2.1.5")
+
+    def test_quoted_local_part(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, 'MAIL FROM:<"john smith"@example.org>', 250, "2.1.0")
+        self.cmd(conn, 'RCPT TO:<"x y"@example.test>', 250, "2.1.5")
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(entry.sender, '"john smith"@example.org')
+        self.assertEqual(entry.recipients[0].address, '"x y"@example.test')
+
+    def test_size_over_limit(self) -> None:
+        self.ctx = self.context(limits={"message_size": 1000})
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org> SIZE=1001", 552, "5.3.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org> SIZE=1000", 250, "2.1.0")
+
+    def test_size_syntax(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org> SIZE=big", 501, "5.5.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org> SIZE", 501, "5.5.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org> SIZE=1 SIZE=2", 501, "5.5.4")
+
+    def test_body_8bitmime(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org> BODY=8BITMIME SIZE=100", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: caf\xc3\xa9\r\n\r\n\xe9t\xe9\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(entry.body, "8BITMIME")
+        self.assertFalse(entry.smtputf8)
+
+    def test_body_7bit_and_unknown(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org> BODY=BINARYMIME", 501, "5.5.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org> body=7bit", 250, "2.1.0")
+        self.assertEqual(conn.proto.txn.envelope.body, "7BIT")
+
+    def test_smtputf8(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<jos\u00e9@example.org> SMTPUTF8", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<\u00fcser@example.test>", 250, "2.1.5")
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: hi\r\n\r\nhi\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertTrue(entry.smtputf8)
+        self.assertEqual(entry.sender, "jos\u00e9@example.org")
+        self.assertEqual(entry.recipients[0].address, "\u00fcser@example.test")
+        self.assertIn(b"with UTF8SMTP id", self.stored_file(entry))
+
+    def test_utf8_address_needs_smtputf8(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<jos\u00e9@example.org>", 553, "5.6.7")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<\u00fcser@example.test>", 553, "5.6.7")
+
+    def test_smtputf8_needs_ehlo(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "HELO c", 250)
+        self.cmd(conn, "MAIL FROM:<a@example.org> SMTPUTF8", 555, "5.5.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org> SIZE=10", 555, "5.5.4")
+
+    def test_unknown_mail_parameter(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org> FOO=bar", 555, "5.5.4", "FOO")
+        self.cmd(conn, "MAIL FROM:<a@example.org> RET=HDRS", 555, "5.5.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org> AUTH=<>", 555, "5.5.4")
+
+    def test_rcpt_parameter(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@example.test> NOTIFY=NEVER", 555, "5.5.4")
+        self.cmd(conn, "RCPT TO:<b@example.test> FOO", 555, "5.5.4")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+
+    def test_source_route_ignored(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<@relay.example.org:a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<@example.test:b@example.test>", 250, "2.1.5")
+        self.assertEqual(str(conn.proto.txn.envelope.sender), "a@example.org")
+        # ... and never opens a relay.
+        self.cmd(conn, "RCPT TO:<@example.test:victim@foreign.test>", 554, "5.7.1")
+
+    def test_duplicate_recipient(self) -> None:
+        conn = self.ready()
+        reply = self.send_message(conn, b"\r\n", "b@example.test", "B@example.test")
+        self.assertIsReply(reply, 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(len(entry.recipients), 1)
+
+
+# --- the command line --------------------------------------------------------------
+
+
+class CommandLineTests(ServerTestCase):
+
+    def test_nul_byte(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, b"NOOP\x00", 500, "5.5.2")
+        self.cmd(conn, b"MAIL FROM:<a\x00@example.org>", 500, "5.5.2")
+        self.cmd(conn, b"\x00", 500, "5.5.2")
+        self.assertIsNone(conn.proto.txn)
+
+    def test_8bit_command(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "NOOP caf\u00e9", 500, "5.5.2")
+        self.cmd(conn, "EHLO caf\u00e9.example", 500, "5.5.2")
+        self.cmd(conn, "VRFY \u00fcser", 500, "5.5.2")
+        self.cmd(conn, b"NOOP \xff\xfe", 500, "5.5.2")
+        self.cmd(conn, b"MAIL FROM:<\xff@example.org> SMTPUTF8", 500, "5.5.2")
+        self.cmd(conn, "MAIL FROM:<jos\u00e9@example.org>", 553, "5.6.7")
+
+    def test_line_too_long(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "NOOP " + "x" * 600, 500, "5.5.2", "line too long")
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+
+    def test_line_of_512_octets(self) -> None:
+        conn = self.ready()
+        line = "NOOP " + "x" * (512 - 2 - 5)
+        self.cmd(conn, line, 250, "2.0.0")
+        self.cmd(conn, line + "x", 500, "5.5.2")
+
+    def test_long_line_does_not_run_a_command(self) -> None:
+        """The tail of an overlong line is not a command."""
+        conn = self.ready()
+        conn.send(b"NOOP " + b"x" * 2000 + b" MAIL FROM:<a@example.org>\r\nNOOP\r\n")
+        self.assertReplies(conn.take(), [(500, "5.5.2"), (250, "2.0.0")])
+        self.assertIsNone(conn.proto.txn)
+
+    def test_long_line_in_pieces(self) -> None:
+        """A long line that comes in many pieces is answered once, in bounded memory."""
+        conn = self.ready()
+        conn.send(b"NOOP ")
+        biggest = 0
+        for i in range(20000):
+            conn.send(b"abcdefghij")
+            biggest = max(biggest, len(conn.proto._buffer))
+            self.assertEqual(conn.take(), [])
+        conn.send(b"\r\nNOOP\r\n")
+        self.assertReplies(conn.take(), [(500, "5.5.2"), (250, "2.0.0")])
+        self.assertLessEqual(biggest, grammar.MAX_MAIL_RCPT_LINE + 10)
+        self.assertFalse(conn.closed)
+
+    def test_long_line_counts_as_error_but_session_goes_on(self) -> None:
+        conn = self.ready()
+        for i in range(3):
+            conn.send(b"x" * 5000)
+            conn.send(b"\r\n")
+        self.assertReplies(conn.take(), [(500, "5.5.2")] * 3)
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+
+    def test_bare_lf_command(self) -> None:
+        conn = self.ready()
+        conn.send(b"NOOP\n")
+        self.assertReply(conn.take(), 500, "5.5.2", "bare <LF>")
+        conn.send(b"MAIL FROM:<a@example.org>\n")
+        self.assertReply(conn.take(), 500, "5.5.2")
+        self.assertIsNone(conn.proto.txn)
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+
+    def test_bare_lf_command_normalize(self) -> None:
+        self.ctx = self.context(limits={"bare_newline": "normalize"})
+        conn = self.ready()
+        conn.send(b"NOOP\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+
+    def test_bare_cr_in_command(self) -> None:
+        """A bare CR is not a line end: no command hides behind one."""
+        conn = self.ready()
+        conn.send(b"NOOP\rMAIL FROM:<a@example.org>\r\n")
+        self.assertReply(conn.take(), 500, "5.5.1")
+        self.assertIsNone(conn.proto.txn)
+        conn.send(b"NOOP x\rMAIL FROM:<a@example.org>\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        self.assertIsNone(conn.proto.txn)
+        conn.send(b"RSET\rMAIL FROM:<a@example.org>\r\n")
+        self.assertReply(conn.take(), 500, "5.5.1")
+        self.assertIsNone(conn.proto.txn)
+
+    def test_command_split_across_reads(self) -> None:
+        conn = self.ready()
+        for byte in b"MAIL FROM:<a@example.org>\r\n":
+            conn.send(bytes([byte]))
+        self.assertReply(conn.take(), 250, "2.1.0")
+
+    def test_too_many_errors(self) -> None:
+        conn = self.ready()
+        for i in range(9):
+            self.cmd(conn, "BOGUS", 500, "5.5.1")
+        conn.send(b"BOGUS\r\nNOOP\r\n")
+        self.assertReplies(conn.take(), [(500, "5.5.1"), (421, "4.7.0")])
+        self.assertTrue(conn.closed)
+
+    def test_error_kinds_all_count(self) -> None:
+        conn = self.ready()
+        for line in ["BOGUS", "RCPT TO:<a@example.test>", "DATA", "MAIL FROM:bad",
+                     "MAIL FROM:<a@example.org> X=1", "STARTTLS", "VRFY", "HELO",
+                     "NOOP\x00"]:
+            conn.send(line.encode() + b"\r\n")
+        self.assertEqual(len(conn.take()), 9)
+        self.assertFalse(conn.closed)
+        conn.send(b"x" * 600 + b"\r\n")
+        self.assertReplies(conn.take(), [(500, "5.5.2"), (421, "4.7.0")])
+        self.assertTrue(conn.closed)
+
+    def test_errors_limit_from_config(self) -> None:
+        self.ctx = self.context(limits={"bad_commands": 2})
+        conn = self.ready()
+        self.cmd(conn, "BOGUS", 500, "5.5.1")
+        conn.send(b"BOGUS\r\n")
+        self.assertReplies(conn.take(), [(500, "5.5.1"), (421, "4.7.0")])
+        self.assertTrue(conn.closed)
+
+    def test_talking_before_greeting(self) -> None:
+        """A client that speaks before a (slow) greeting is dropped."""
+        slow = SlowConnect()
+        self.use_filters(slow)
+        conn = self.connect(greet=False)
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.send(b"EHLO spam\r\n")
+        self.assertReply(conn.take(), 554, "5.5.0")
+        self.assertTrue(conn.closed)
+        slow.d.callback(None)
+        self.assertEqual(conn.take(), [])
+
+
+@implementer(IConnectFilter)
+class SlowConnect:
+    """A connect filter that answers when the test says so."""
+
+    def __init__(self):
+        self.d = Deferred()
+
+    def connect(self, session):
+        return self.d
+
+
+# --- relay rules -----------------------------------------------------------------
+
+
+class RelayTests(ServerTestCase):
+
+    def test_relay_denied(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        reply = self.cmd(conn, "RCPT TO:<victim@foreign.test>", 554, "5.7.1")
+        self.assertEqual(reply.lines, ("<victim@foreign.test>: Relay access denied",))
+        self.assertEqual(conn.wire(),
+                         b"554 5.7.1 <victim@foreign.test>: Relay access denied\r\n")
+        self.cmd(conn, "RCPT TO:<user@example.test>", 250, "2.1.5")
+        self.cmd(conn, "RCPT TO:<user@EXAMPLE.TEST>", 250, "2.1.5")
+
+    def test_relay_allowed_from_networks(self) -> None:
+        conn = self.ready(TRUSTED_IP)
+        reply = self.send_message(conn, b"Subject: out\r\n\r\nhi\r\n", "friend@foreign.test")
+        self.assertIsReply(reply, 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(entry.recipients[0].address, "friend@foreign.test")
+
+    def test_relay_domains(self) -> None:
+        self.ctx = self.context(relay={"relay_domains": ["backup.test"]})
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@backup.test>", 250, "2.1.5")
+        self.cmd(conn, "RCPT TO:<b@other.test>", 554, "5.7.1")
+
+    def test_routing_tricks_never_relay(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        for rcpt in ("victim%foreign.test@example.test",
+                     "foreign.test!victim@example.test",
+                     '"victim@foreign.test"@example.test',
+                     "victim@[203.0.113.9]",
+                     "victim@[IPv6:2001:db8::1]",
+                     "@example.test:victim@foreign.test",
+                     "@example.test,@other.test:victim%foreign.test@example.test"):
+            self.cmd(conn, f"RCPT TO:<{rcpt}>", 554, "5.7.1")
+        self.assertEqual(conn.proto.txn.envelope.recipients, ())
+
+    def test_ipv6_client(self) -> None:
+        conn = Conn(self.factory(), transport=StringTransport(
+            hostAddress=IPv6Address("TCP", "2001:db8::1", 25),
+            peerAddress=IPv6Address("TCP", "2001:db8::5", 4000)))
+        self.assertEqual(conn.proto.session.client_ip, "2001:db8::5")
+        self.assertReply(conn.take(), 220)
+        self.ready(conn=conn)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@foreign.test>", 554, "5.7.1")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+
+
+# --- limits -----------------------------------------------------------------------
+
+
+class LimitTests(ServerTestCase):
+
+    def test_too_many_recipients(self) -> None:
+        self.ctx = self.context(limits={"recipients": 2})
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<r1@example.test>", 250, "2.1.5")
+        self.cmd(conn, "RCPT TO:<r2@example.test>", 250, "2.1.5")
+        self.cmd(conn, "RCPT TO:<r3@example.test>", 452, "4.5.3")
+        self.cmd(conn, "RCPT TO:<r4@example.test>", 452, "4.5.3")
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(len(entry.recipients), 2)
+        self.assertFalse(conn.closed)
+
+    def test_connection_limit_per_client(self) -> None:
+        self.ctx = self.context(limits={"connections_per_client": 2})
+        factory = self.factory()
+        a = self.connect(factory=factory)
+        b = self.connect(factory=factory)
+        c = self.connect(factory=factory, greet=False)
+        self.assertReply(c.take(), 421, "4.7.0", "too many connections")
+        self.assertTrue(c.closed)
+        self.assertEqual(c.wire(), b"421 mx.example.test Error: too many connections from "
+                                   b"192.0.2.5\r\n")
+        # Another client is still welcome.
+        d = self.connect(UNTRUSTED_IP, factory=factory)
+        self.assertFalse(d.closed)
+        # Refused connections do not count once gone, nor do closed ones.
+        c.lose()
+        a.lose()
+        e = self.connect(factory=factory)
+        self.assertFalse(e.closed)
+        self.assertFalse(b.closed)
+        self.assertEqual(factory.counter.per_ip, {TRUSTED_IP: 2, UNTRUSTED_IP: 1})
+
+    def test_connection_limit_in_all(self) -> None:
+        self.ctx = self.context(limits={"connections": 3})
+        factory = self.factory()
+        conns = [self.connect(ip, factory=factory)
+                 for ip in ("192.0.2.10", "192.0.2.11", "192.0.2.12")]
+        extra = self.connect("192.0.2.13", factory=factory, greet=False)
+        self.assertReply(extra.take(), 421, "4.7.0", "too many connections")
+        self.assertTrue(extra.closed)
+        extra.lose()
+        conns[0].lose()
+        again = self.connect("192.0.2.13", factory=factory)
+        self.assertFalse(again.closed)
+        self.assertEqual(factory.counter.total, 3)
+
+    def test_counter_shared_between_factories(self) -> None:
+        self.ctx = self.context(limits={"connections_per_client": 1})
+        first = self.factory()
+        second = ESMTPFactory(self.ctx, self.ctx.config.listen[0], first.counter)
+        self.connect(factory=first)
+        c = self.connect(factory=second, greet=False)
+        self.assertReply(c.take(), 421, "4.7.0")
+
+    def test_idle_timeout(self) -> None:
+        self.ctx = self.context(limits={"command_timeout": 60})
+        conn = self.ready()
+        self.ctx.reactor.advance(59)
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.ctx.reactor.advance(59)
+        self.assertFalse(conn.closed)
+        conn.wire()
+        self.ctx.reactor.advance(2)
+        self.assertReply(conn.take(), 421, "4.4.2", "timeout exceeded")
+        self.assertEqual(conn.wire(), b"421 4.4.2 mx.example.test Error: timeout exceeded\r\n")
+        self.assertTrue(conn.closed)
+        conn.lose()
+        self.assertEqual(self.ctx.reactor.getDelayedCalls(), [])
+
+    def test_idle_timeout_before_ehlo(self) -> None:
+        conn = self.connect()
+        self.ctx.reactor.advance(301)
+        self.assertReply(conn.take(), 421, "4.4.2")
+        self.assertTrue(conn.closed)
+
+    def test_timeout_in_data(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: slow\r\n")
+        self.ctx.reactor.advance(301)
+        self.assertReply(conn.take(), 421, "4.4.2")
+        self.assertTrue(conn.closed)
+        conn.lose()
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+
+    def test_timeout_cancelled_on_close(self) -> None:
+        conn = self.ready()
+        self.cmd(conn, "QUIT", 221, "2.0.0")
+        conn.lose()
+        self.assertEqual(self.ctx.reactor.getDelayedCalls(), [])
+
+
+# --- filters: a test plugin -------------------------------------------------------
+
+
+@implementer(IMailFilter, IRcptFilter, IDataFilter)
+class Judge:
+    """
+    A filter whose answer at each stage is set by the test: a L{Verdict},
+    an exception to raise, C{"never"} (a Deferred never fired) or
+    C{"later"} (a Deferred the test fires, kept in L{waiting}).  Only
+    recipients whose local part starts with C{only} are judged at rcpt.
+    """
+
+    def __init__(self, only: str = "", **answers):
+        self.answers = answers
+        self.only = only
+        self.waiting: list[tuple[str, Deferred]] = []
+        self.seen: list[str] = []
+
+    def _answer(self, stage: str, what: str):
+        self.seen.append(f"{stage}:{what}")
+        answer = self.answers.get(stage)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer in ("never", "later"):
+            d = Deferred()
+            self.waiting.append((what, d))
+            return d
+        return answer
+
+    def mail(self, session, envelope):
+        return self._answer("mail", str(envelope.sender))
+
+    def rcpt(self, session, envelope, recipient):
+        if not recipient.local.startswith(self.only):
+            return None
+        return self._answer("rcpt", str(recipient))
+
+    def data(self, session, envelope, message):
+        return self._answer("data", str(message.size))
+
+
+class FilterTests(ServerTestCase):
+
+    def test_rcpt_filter_raises(self) -> None:
+        self.use_filters(Judge(rcpt=RuntimeError("boom")))
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 451, "4.3.0")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.cmd(conn, "RSET", 250, "2.0.0")
+        self.assertFalse(conn.closed)
+
+    def test_mail_filter_raises(self) -> None:
+        self.use_filters(Judge(mail=RuntimeError("boom")))
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 451, "4.3.0")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertIsNone(conn.proto.txn)
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+
+    def test_data_filter_raises(self) -> None:
+        self.use_filters(Judge(data=RuntimeError("boom")))
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n")
+        self.assertIsReply(reply, 451, "4.3.0")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+
+    def test_filter_returns_failed_deferred(self) -> None:
+        judge = Judge(rcpt="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        conn.send(b"RCPT TO:<b@example.test>\r\n")
+        self.assertEqual(conn.take(), [])
+        judge.waiting[0][1].errback(RuntimeError("async boom"))
+        self.assertReply(conn.take(), 451, "4.3.0")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_filter_timeout(self) -> None:
+        self.use_filters(Judge(rcpt="never"), timeout=5)
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        conn.send(b"RCPT TO:<b@example.test>\r\nNOOP\r\n")
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(conn.transport.producerState, "paused")
+        self.ctx.reactor.advance(4)
+        self.assertEqual(conn.take(), [])
+        self.ctx.reactor.advance(2)
+        self.assertReplies(conn.take(), [(451, "4.3.0"), (250, "2.0.0")])
+        self.flushLoggedErrors()
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertFalse(conn.closed)
+        conn.send(b"RCPT TO:<ok@example.test>\r\n")
+        self.ctx.reactor.advance(6)
+        self.assertReply(conn.take(), 451, "4.3.0")
+        self.flushLoggedErrors()
+
+    def test_data_filter_timeout(self) -> None:
+        self.use_filters(Judge(data="never"), timeout=5)
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        self.assertEqual(conn.take(), [])
+        self.ctx.reactor.advance(6)
+        self.assertReply(conn.take(), 451, "4.3.0")
+        self.flushLoggedErrors()
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+        # The session goes on (and the filter still never answers).
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: y\r\n\r\ny\r\n.\r\n")
+        self.ctx.reactor.advance(6)
+        self.assertReply(conn.take(), 451, "4.3.0")
+        self.flushLoggedErrors()
+
+    def test_verdicts(self) -> None:
+        cases = [
+            ("mail", Verdict.reject(), 550, "5.7.1"),
+            ("mail", Verdict.reject("Go away", "5.7.26"), 550, "5.7.26"),
+            ("mail", Verdict.tempfail(), 450, "4.7.1"),
+            ("rcpt", Verdict.reject(), 550, "5.7.1"),
+            ("rcpt", Verdict.reject("No such user", "5.1.1"), 550, "5.1.1"),
+            ("rcpt", Verdict.tempfail(), 450, "4.7.1"),
+            ("rcpt", Verdict.tempfail("Greylisted", "4.7.10"), 450, "4.7.10"),
+            ("data", Verdict.reject(), 554, "5.7.1"),
+            ("data", Verdict.reject("Spam", "5.7.0"), 554, "5.7.0"),
+            ("data", Verdict.tempfail(), 451, "4.7.1"),
+        ]
+        for stage, verdict, code, enhanced in cases:
+            self.ctx = self.context()
+            self.use_filters(Judge(**{stage: verdict}))
+            conn = self.ready()
+            if stage == "mail":
+                reply = self.cmd(conn, "MAIL FROM:<a@example.org>", code, enhanced)
+                self.assertIsNone(conn.proto.txn)
+            elif stage == "rcpt":
+                self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+                reply = self.cmd(conn, "RCPT TO:<b@example.test>", code, enhanced)
+                self.assertIn("<b@example.test>", reply.lines[0])
+                self.cmd(conn, "DATA", 554, "5.5.1")
+            else:
+                reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n")
+                self.assertIsReply(reply, code, enhanced)
+                self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+            if verdict.text:
+                self.assertIn(verdict.text, reply.lines[0])
+            self.assertEqual(self.ctx.entries, [], (stage, verdict))
+            self.assertFalse(conn.closed)
+
+    def test_disconnect_verdict(self) -> None:
+        self.use_filters(Judge(rcpt=Verdict.disconnect("Bye now")))
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        conn.send(b"RCPT TO:<b@example.test>\r\nNOOP\r\n")
+        self.assertReply(conn.take(), 421, "4.7.0", "Bye now")
+        self.assertTrue(conn.closed)
+
+    def test_discard_at_mail(self) -> None:
+        self.use_filters(Judge(mail=Verdict.discard()))
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n")
+        self.assertIsReply(reply, 250, "2.0.0", "queued as")
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+
+    def test_discard_at_rcpt(self) -> None:
+        self.use_filters(Judge(only="drop", rcpt=Verdict.discard()))
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n",
+                                  "drop@example.test", "keep@example.test")
+        self.assertIsReply(reply, 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual([r.address for r in entry.recipients], ["keep@example.test"])
+
+    def test_discard_every_rcpt(self) -> None:
+        self.use_filters(Judge(rcpt=Verdict.discard()))
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n")
+        self.assertIsReply(reply, 250, "2.0.0")
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+
+    def test_discard_at_data(self) -> None:
+        self.use_filters(Judge(data=Verdict.discard()))
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n")
+        self.assertIsReply(reply, 250, "2.0.0")
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+
+    def test_add_header(self) -> None:
+        self.use_filters(Judge(data=Verdict.continue_(AddHeader("X-Checked", "yes"))))
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nbody\r\n")
+        self.assertIsReply(reply, 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(entry.add_headers, [["X-Checked", "yes"]])
+        data = self.stored(entry)
+        self.assertTrue(data.startswith(b"X-Checked: yes\r\nReceived: "), data[:80])
+        self.assertTrue(data.endswith(b"Subject: x\r\n\r\nbody\r\n"))
+
+    def test_data_filter_sees_message(self) -> None:
+        seen = []
+
+        @implementer(IDataFilter)
+        class Look:
+            def data(self, session, envelope, message):
+                with message.open() as f:
+                    seen.append((message.header("subject"), f.read(), envelope.recipients))
+
+        self.use_filters(Look())
+        conn = self.ready()
+        self.send_message(conn, b"Subject: look\r\nTo: b\r\n\r\nbody\r\n")
+        [(subject, text, rcpts)] = seen
+        self.assertEqual(subject, ["look"])
+        self.assertTrue(text.startswith(b"Received: "))
+        self.assertTrue(text.endswith(b"Subject: look\r\nTo: b\r\n\r\nbody\r\n"))
+        self.assertEqual([str(r) for r in rcpts], ["rcpt@example.test"])
+
+
+# --- pipelining and flow control -------------------------------------------------
+
+
+class PipeliningTests(ServerTestCase):
+
+    def test_many_commands_in_one_read(self) -> None:
+        conn = self.connect()
+        conn.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+                  b"RCPT TO:<c@foreign.test>\r\nRCPT TO:<d@example.test>\r\nNOOP\r\nDATA\r\n")
+        self.assertReplies(conn.take(), [(250, None), (250, "2.1.0"), (250, "2.1.5"),
+                                         (250, "2.1.5"), (250, "2.1.5"), (250, "2.0.0"),
+                                         (354, None)])
+        conn.send(b"Subject: p\r\n\r\nhi\r\n.\r\nMAIL FROM:<e@example.org>\r\n"
+                  b"RCPT TO:<f@example.test>\r\nDATA\r\n")
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.1.0"), (250, "2.1.5"),
+                                         (354, None)])
+        conn.send(b"second\r\n.\r\nQUIT\r\n")
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (221, "2.0.0")])
+        self.assertEqual(len(self.ctx.entries), 2)
+
+    def test_many_transactions_in_one_read(self) -> None:
+        """A long pipeline is handled without recursion (and without a stack overflow)."""
+        conn = self.ready()
+        one = (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+               b"BDAT 4 LAST\r\nhi\r\n")
+        conn.send(one * 300 + b"NOOP\r\n" * 3000)
+        replies = conn.take()
+        self.assertEqual(len(replies), 3 * 300 + 3000)
+        self.assertReplies(replies[:3], [(250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0")])
+        self.assertEqual(len(self.ctx.entries), 300)
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_no_pause_for_quick_answers(self) -> None:
+        """The transport is not paused and resumed for commands that answer at once."""
+        calls = []
+        conn = self.ready()
+        conn.transport.pauseProducing = lambda: calls.append("pause")
+        self.envelope(conn)
+        self.assertEqual(calls, [])
+
+    def test_slow_rcpt_filter_stops_reading(self) -> None:
+        judge = Judge(only="slow", rcpt="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<slow1@example.test>\r\n"
+                  b"RCPT TO:<fast1@example.test>\r\nRCPT TO:<slow2@example.test>\r\n"
+                  b"RCPT TO:<fast2@example.test>\r\nRCPT TO:<slow3@example.test>\r\n"
+                  b"DATA\r\n")
+        self.assertReplies(conn.take(), [(250, "2.1.0")])
+        self.assertEqual(conn.wire(), b"250 2.1.0 Ok\r\n")
+        self.assertEqual(conn.transport.producerState, "paused")
+        # More data (already on its way) is buffered, not acted on.
+        conn.send(b"Subject: slow\r\n\r\nhello\r\n.\r\n")
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(len(judge.waiting), 1)
+
+        judge.waiting[0][1].callback(None)
+        self.assertReplies(conn.take(), [(250, "2.1.5"), (250, "2.1.5")])
+        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertEqual(len(judge.waiting), 2)
+
+        judge.waiting[1][1].callback(Verdict.reject("Not today"))
+        self.assertReplies(conn.take(), [(550, "5.7.1"), (250, "2.1.5")])
+        self.assertEqual(conn.transport.producerState, "paused")
+
+        judge.waiting[2][1].callback(None)
+        self.assertReplies(conn.take(), [(250, "2.1.5"), (354, None), (250, "2.0.0")])
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertEqual([s for s in judge.seen if s.startswith("rcpt:")],
+                         ["rcpt:slow1@example.test", "rcpt:slow2@example.test",
+                          "rcpt:slow3@example.test"])
+        [entry] = self.ctx.entries
+        self.assertEqual([r.address for r in entry.recipients],
+                         ["slow1@example.test", "fast1@example.test", "fast2@example.test",
+                          "slow3@example.test"])
+
+    def test_slow_mail_filter(self) -> None:
+        judge = Judge(mail="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nNOOP\r\n")
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(conn.transport.producerState, "paused")
+        judge.waiting[0][1].callback(Verdict.reject())
+        self.assertReplies(conn.take(), [(550, "5.7.1"), (503, "5.5.1"), (250, "2.0.0")])
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_slow_data_filter(self) -> None:
+        judge = Judge(data="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: x\r\n\r\nx\r\n.\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(conn.transport.producerState, "paused")
+        judge.waiting[0][1].callback(None)
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0"), (250, "2.1.0")])
+        self.assertEqual(len(self.ctx.entries), 1)
+
+    def test_connection_lost_while_waiting(self) -> None:
+        judge = Judge(rcpt="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        conn.send(b"RCPT TO:<b@example.test>\r\n")
+        conn.wire()
+        conn.lose()
+        judge.waiting[0][1].callback(None)
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(conn.wire(), b"")
+
+    def test_write_buffer_full(self) -> None:
+        """When the transport's buffer is full, the server stops reading until it drains."""
+        conn = self.ready()
+        conn.proto.pauseProducing()
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.proto.resumeProducing()
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_write_buffer_fills_during_pipeline(self) -> None:
+        """
+        A transport that fills up while answering a pipeline stops the
+        server there; the rest is answered when it drains.
+        """
+        conn = self.ready()
+        real_write = conn.transport.write
+
+        def write(data):
+            real_write(data)
+            conn.proto.pauseProducing()  # as a full transport would
+
+        conn.transport.write = write
+        conn.send(b"NOOP\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\nNOOP\r\n")
+        self.assertReplies(conn.take(), [(250, "2.0.0")])
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.transport.write = real_write
+        conn.proto.resumeProducing()
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.1.0"), (250, "2.0.0")])
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_write_pause_and_slow_filter(self) -> None:
+        """Reading resumes only when neither the transport nor a filter holds it."""
+        judge = Judge(rcpt="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        conn.send(b"RCPT TO:<b@example.test>\r\n")
+        conn.proto.pauseProducing()
+        judge.waiting[0][1].callback(None)
+        self.assertReplies(conn.take(), [(250, "2.1.5")])
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.proto.resumeProducing()
+        self.assertEqual(conn.transport.producerState, "producing")
