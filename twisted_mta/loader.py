@@ -37,6 +37,11 @@ from twisted_mta.values import PluginContext, SharedState
 BUILTINS: dict[str, str] = {
     "relay": "twisted_mta.builtins.relay:RelayRules",
     "routes": "twisted_mta.builtins.routes:RouteTable",
+    "recipients": "twisted_mta.builtins.recipients:Recipients",
+    "size": "twisted_mta.builtins.size:SizeLimits",
+    "headers": "twisted_mta.builtins.headers:HeaderRules",
+    "greylist": "twisted_mta.builtins.greylist:Greylist",
+    "ratelimit": "twisted_mta.builtins.ratelimit:RateLimit",
 }
 
 

@@ -1,0 +1,116 @@
+"""
+C{recipients}: only known addresses in local domains, with aliases.
+
+    [[filter]]
+    use = "recipients"
+    file = "recipients"            # re-read on every reload (relative to the config file)
+    addresses = ["postmaster@example.test", "*@catchall.example.test"]
+    domains = ["example.test"]     # default: [relay] local_domains
+
+Each line of the file (and each item of C{addresses}) is one of:
+
+    user@example.test                                  an address that exists
+    *@example.test                                     every address in that domain exists
+    sales@example.test -> ann@example.test, bob@other.test   an alias
+    # a comment
+
+An unknown recipient in a checked domain gets C{550 5.1.1 <addr>:
+Recipient address rejected: User unknown in local recipient table} at
+RCPT, so the server never accepts mail it would have to bounce.  Aliases
+are expanded (recursively, up to 10 levels) at RCPT, before routing.
+Recipients in other domains are left alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zope.interface import implementer
+
+from twisted_mta.interfaces import IRcptFilter
+from twisted_mta.smtp.grammar import Address, parse_mailbox
+from twisted_mta.values import RewriteRecipient, Verdict
+
+UNKNOWN = "Recipient address rejected: User unknown in local recipient table"
+MAX_DEPTH = 10
+
+
+def _address(text: str, where: str) -> Address:
+    try:
+        return parse_mailbox(text.strip(), utf8=True)
+    except ValueError as e:
+        raise ValueError(f"{where}: not an address: {text.strip()!r} ({e})")
+
+
+class RecipientTable:
+    """Known addresses, catch-all domains and aliases, parsed from lines."""
+
+    def __init__(self) -> None:
+        self.addresses: set[str] = set()
+        self.catchall: set[str] = set()
+        self.aliases: dict[str, tuple[Address, ...]] = {}
+
+    def add_line(self, line: str, where: str) -> None:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            return
+        if "->" in line:
+            left, _, right = line.partition("->")
+            source = _address(left, where)
+            targets = tuple(_address(t, where) for t in right.split(",") if t.strip())
+            if not targets:
+                raise ValueError(f"{where}: alias {left.strip()!r} has no targets")
+            self.aliases[source.key] = targets
+        elif line.startswith("*@"):
+            domain = line[2:].strip().lower()
+            _address(f"x@{domain}", where)
+            self.catchall.add(domain)
+        else:
+            self.addresses.add(_address(line, where).key)
+
+    def exists(self, address: Address) -> bool:
+        return (address.key in self.addresses or address.key in self.aliases
+                or address.domain_key in self.catchall)
+
+    def expand(self, address: Address, depth: int = 0) -> tuple[Address, ...]:
+        """The final addresses for C{address}, aliases followed."""
+        targets = self.aliases.get(address.key)
+        if targets is None or depth >= MAX_DEPTH:
+            return (address,)
+        out: list[Address] = []
+        for target in targets:
+            for final in self.expand(target, depth + 1):
+                if final.key not in {a.key for a in out}:
+                    out.append(final)
+        return tuple(out)
+
+
+@implementer(IRcptFilter)
+class Recipients:
+    def __init__(self, file: str | None = None, addresses=(), domains=None, context=None):
+        self.table = RecipientTable()
+        for i, line in enumerate(addresses, 1):
+            if not isinstance(line, str):
+                raise ValueError(f"addresses[{i}]: expected a string")
+            self.table.add_line(line, f"addresses[{i}]")
+        if file is not None:
+            path = Path(context.folder if context else ".") / file
+            try:
+                text = path.read_text("utf-8")
+            except OSError as e:
+                raise ValueError(f"{path}: cannot read: {e.strerror or e}")
+            for n, line in enumerate(text.splitlines(), 1):
+                self.table.add_line(line, f"{path}:{n}")
+        if domains is None:
+            domains = context.config.relay.local_domains if context and context.config else ()
+        self.domains = frozenset(d.lower() for d in domains)
+
+    def rcpt(self, session, envelope, recipient):
+        if recipient.domain_key not in self.domains:
+            return None
+        if not self.table.exists(recipient):
+            return Verdict.reject(UNKNOWN, "5.1.1")
+        expanded = self.table.expand(recipient)
+        if expanded != (recipient,):
+            return Verdict.continue_(RewriteRecipient(recipient, expanded))
+        return None
