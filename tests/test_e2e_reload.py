@@ -187,3 +187,63 @@ class ReloadTests(unittest.TestCase):
 def deferLater(seconds):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+class CertificateReloadTests(unittest.TestCase):
+    """[tls] files are re-read by a reload; new STARTTLS sessions get the new certificate."""
+
+    def setUp(self):
+        from twisted_mta.smtp import tls
+        self.tls = tls
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir(parents=True)
+        self.write_cert("first.example.test")
+        (self.folder / "mta.toml").write_text(
+            'hostname = "mx.example.test"\n[tls]\ncertificate = "mx.pem"\nkey = "mx.key"\n'
+            '[[listen]]\nendpoint = "tcp:0:interface=127.0.0.1"\n[relay]\nlocal_domains = ["example.test"]\n')
+        self.mta = MTAService(configmod.load(self.folder / "mta.toml"))
+        self.mta.prepare()
+        self.mta.startService()
+        self.addCleanup(self.mta.stopService)
+
+    def write_cert(self, name):
+        key, chain = self.tls.self_signed(name)
+        key_pem, chain_pem = self.tls.pem(key, chain)
+        (self.folder / "mx.key").write_bytes(key_pem)
+        (self.folder / "mx.pem").write_bytes(chain_pem)
+
+    def peer_name(self):
+        import ssl
+
+        from cryptography import x509
+        port = self.mta.ports[0].getHost().port
+
+        def run():
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.starttls(context=context)
+                der = s.sock.getpeercert(binary_form=True)
+            cert = x509.load_der_x509_certificate(der)
+            return cert.subject.rfc4514_string()
+        return deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_new_certificate_after_reload(self):
+        while not self.mta.ports:
+            yield deferLater(0.01)
+        self.assertEqual((yield self.peer_name()), "CN=first.example.test")
+        self.write_cert("second.example.test")
+        yield self.mta.reload()
+        self.assertEqual((yield self.peer_name()), "CN=second.example.test")
+
+    @defer.inlineCallbacks
+    def test_bad_certificate_refuses_reload(self):
+        while not self.mta.ports:
+            yield deferLater(0.01)
+        (self.folder / "mx.pem").write_bytes(b"not a certificate")
+        with self.assertRaises(ReloadError) as e:
+            yield self.mta.reload()
+        self.assertIn("mx.pem", str(e.exception))
+        self.assertEqual((yield self.peer_name()), "CN=first.example.test")
