@@ -1228,3 +1228,524 @@ class PipeliningTests(ServerTestCase):
         self.assertEqual(conn.transport.producerState, "paused")
         conn.proto.resumeProducing()
         self.assertEqual(conn.transport.producerState, "producing")
+
+
+# --- DATA ------------------------------------------------------------------------
+
+
+class DataTests(ServerTestCase):
+
+    def test_message_queued(self) -> None:
+        conn = self.ready()
+        self.envelope(conn, "b@example.test", "c@example.test")
+        reply = self.cmd(conn, "DATA", 354)
+        self.assertEqual(conn.wire(), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        conn.send(b"Subject: hello\r\n\r\nHello.\r\n.\r\n")
+        reply = self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(reply.lines, (f"Ok: queued as {entry.id}",))
+        self.assertEqual(entry.sender, "sender@example.org")
+        self.assertEqual([r.address for r in entry.recipients],
+                         ["b@example.test", "c@example.test"])
+        self.assertEqual(entry.client["ip"], TRUSTED_IP)
+        self.assertEqual(entry.client["helo"], "client.example.test")
+        self.assertIsNone(entry.client["tls"])
+        self.assertEqual(self.received_body(entry), b"Subject: hello\r\n\r\nHello.\r\n")
+        # ... and it is in the spool for good.
+        [again] = list(self.ctx.spool.entries())
+        self.assertEqual(again.id, entry.id)
+        self.assertIsNone(conn.proto.txn)
+        self.cmd(conn, "RCPT TO:<b@example.test>", 503, "5.5.1")
+
+    def test_data_argument(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA now", 501, "5.5.4")
+        self.cmd(conn, "DATA", 354)
+
+    def test_received_header_first(self) -> None:
+        conn = self.ready()
+        self.send_message(conn, b"Received: from elsewhere\r\nSubject: x\r\n\r\nx\r\n")
+        [entry] = self.ctx.entries
+        data = self.stored_file(entry)
+        first = data.split(b"\r\n\tby ")[0]
+        self.assertEqual(first, b"Received: from client.example.test (unknown [192.0.2.5])")
+        self.assertIn(f"by mx.example.test (twisted-mta) with ESMTP id {entry.id}\r\n"
+                      "\tfor <rcpt@example.test>; ".encode(), data)
+        self.assertEqual(self.received_body(entry),
+                         b"Received: from elsewhere\r\nSubject: x\r\n\r\nx\r\n")
+
+    def test_received_header_after_helo(self) -> None:
+        conn = self.connect()
+        self.cmd(conn, "HELO old.example", 250)
+        self.send_message(conn, b"\r\n", "a@example.test", "b@example.test")
+        [entry] = self.ctx.entries
+        data = self.stored_file(entry)
+        self.assertTrue(data.startswith(b"Received: from old.example (unknown [192.0.2.5])\r\n"
+                                        b"\tby mx.example.test (twisted-mta) with SMTP id "))
+        self.assertNotIn(b"\tfor <", data)
+
+    def test_dot_unstuffing(self) -> None:
+        conn = self.ready()
+        body = (b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n.\r\n"[:-3]
+                + b"a line.\r\n. \r\n..\r\n")
+        self.send_message(conn, body)
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry),
+                         b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\na line.\r\n \r\n.\r\n")
+
+    def test_dot_unstuffing_byte_by_byte(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        for byte in b"..a\r\n..\r\n.b.\r\n\r\n.\r\nNOOP\r\n":
+            conn.send(bytes([byte]))
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0")])
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), b".a\r\n.\r\nb.\r\n\r\n")
+
+    def test_empty_message(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b".\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), b"")
+
+    def test_8bit_byte_for_byte(self) -> None:
+        body = (b"Subject: =?utf-8?q?x?=\r\nX-Raw: \xff\xfe\x80\x00\x01\r\n\r\n"
+                + bytes(range(1, 10)) + bytes(range(14, 256)) + b"\r\n"
+                + b"caf\xc3\xa9 \xe9t\xe9\r\n")
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org> BODY=8BITMIME", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+        self.cmd(conn, "DATA", 354)
+        conn.send(body + b".\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), body)
+        self.assertTrue(self.stored(entry).endswith(body))
+
+    def test_body_in_many_pieces(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        body = b"".join(b"line %d with some text\r\n" % i for i in range(5000))
+        for i in range(0, len(body), 777):
+            conn.send(body[i:i + 777])
+        conn.send(b".\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), body)
+
+    def test_message_too_big(self) -> None:
+        self.ctx = self.context(limits={"message_size": 1000})
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: big\r\n\r\n")
+        for i in range(50):
+            conn.send(b"x" * 98 + b"\r\n")
+            self.assertEqual(conn.take(), [])
+        conn.send(b".\r\n")
+        self.assertReply(conn.take(), 552, "5.3.4")
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+        self.assertFalse(conn.closed)
+        # The session goes on: the next transaction works.
+        reply = self.send_message(conn, b"Subject: small\r\n\r\nsmall\r\n")
+        self.assertIsReply(reply, 250, "2.0.0")
+        self.assertEqual(len(self.ctx.entries), 1)
+
+    def test_message_at_the_limit(self) -> None:
+        body = b"Subject: x\r\n\r\n" + b"y" * (1000 - 16) + b"\r\n"
+        self.assertEqual(len(body), 1000)
+        self.ctx = self.context(limits={"message_size": 1000})
+        conn = self.ready()
+        self.assertIsReply(self.send_message(conn, body), 250, "2.0.0")
+        self.assertIsReply(self.send_message(conn, body + b"z\r\n"), 552, "5.3.4")
+
+    def test_too_big_in_one_read_then_pipelined(self) -> None:
+        self.ctx = self.context(limits={"message_size": 100})
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"x" * 5000 + b"\r\n.\r\nMAIL FROM:<a@example.org>\r\nNOOP\r\n")
+        self.assertReplies(conn.take(), [(552, "5.3.4"), (250, "2.1.0"), (250, "2.0.0")])
+
+    def test_pipelined_after_terminator(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: x\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\n")
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0"), (250, "2.0.0")])
+
+    def test_commit_fails(self) -> None:
+        conn = self.ready()
+
+        def broken(incoming, entry):
+            incoming.abort()
+            return fail(OSError("disk full"))
+
+        self.ctx.spool.commit = broken
+        reply = self.send_message(conn, b"Subject: x\r\n\r\nx\r\n")
+        self.assertIsReply(reply, 451, "4.3.0")
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.ctx.entries, [])
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+
+    def test_spool_file_cannot_be_made(self) -> None:
+        conn = self.ready()
+
+        def broken():
+            raise OSError("no space")
+
+        self.ctx.spool.new_message = broken
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 451, "4.3.0")
+        self.flushLoggedErrors(OSError)
+        self.assertFalse(conn.closed)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 503, "5.5.1")
+        self.cmd(conn, "RSET", 250, "2.0.0")
+
+    def test_refused_data_ends_pipelining(self) -> None:
+        """
+        Commands pipelined behind a refused DATA never start a message:
+        the refusal, then 554 5.5.0 and the connection closes.
+        """
+        conn = self.ready(UNTRUSTED_IP)
+        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<v@foreign.test>\r\nDATA\r\n"
+                  b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@example.test>\r\nDATA\r\n"
+                  b"Subject: smuggled\r\n\r\n.\r\n")
+        self.assertReplies(conn.take(), [(250, "2.1.0"), (554, "5.7.1"), (554, "5.5.1"),
+                                         (554, "5.5.0")])
+        self.assertTrue(conn.closed)
+        self.assertEqual(self.ctx.entries, [])
+        self.assertNotIn("RCPT", {k for k, v in conn.proto.counts.items() if v > 1})
+
+    def test_refused_data_without_transaction_ends_pipelining(self) -> None:
+        conn = self.ready()
+        conn.send(b"DATA\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertReplies(conn.take(), [(503, "5.5.1"), (554, "5.5.0")])
+        self.assertTrue(conn.closed)
+        self.assertIsNone(conn.proto.txn)
+
+    def test_refused_data_alone(self) -> None:
+        """A client that waits for the DATA reply just gets it."""
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "DATA", 554, "5.5.1")
+        self.assertFalse(conn.closed)
+
+
+# --- BDAT ------------------------------------------------------------------------
+
+
+class BdatTests(ServerTestCase):
+
+    def test_chunks(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 12\r\nSubject: x\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0", "12 bytes")
+        conn.send(b"BDAT 7\r\n\r\nHello")
+        self.assertReply(conn.take(), 250, "2.0.0", "19 bytes")
+        conn.send(b"BDAT 8 LAST\r\n world\r\n")
+        reply = self.assertReply(conn.take(), 250, "2.0.0", "queued as")
+        [entry] = self.ctx.entries
+        self.assertIn(entry.id, reply.lines[0])
+        self.assertEqual(self.received_body(entry), b"Subject: x\r\n\r\nHello world\r\n")
+        self.assertIsNone(conn.proto.txn)
+
+    def test_chunks_then_empty_last(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 14\r\nSubject: x\r\n\r\nBDAT 4\r\nab\r\n")
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0")])
+        conn.send(b"BDAT 0 LAST\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0", "queued as")
+
+    def test_bdat_0_last(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "BDAT 0 LAST", 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), b"")
+
+    def test_bdat_last_lower_case(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"bdat 5 last\r\nx\r\n\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0", "queued as")
+
+    def test_chunk_bytes_are_never_commands(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        chunk = (b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<evil@x.test>\r\n"
+                 b"RCPT TO:<v@example.test>\r\nDATA\r\nsmuggled\r\n.\r\nQUIT\r\n")
+        conn.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertReply(conn.take(), 250, "2.0.0", "queued as")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), chunk)
+        self.assertEqual(conn.proto.counts.get("MAIL"), 1)
+        self.assertFalse(conn.closed)
+
+    def test_chunk_in_pieces(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        chunk = b"".join(b"%05d\r\n" % i for i in range(1000))
+        data = b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n"
+        for i in range(0, len(data), 333):
+            conn.send(data[i:i + 333])
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0")])
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), chunk)
+
+    def test_bdat_kept_byte_for_byte(self) -> None:
+        """BDAT data is never unstuffed: what comes is what is kept."""
+        conn = self.ready()
+        self.envelope(conn)
+        chunk = b"Subject: x\r\n\r\n..dot\r\n.\r\n\x00\xff\x80\r\n"
+        conn.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), chunk)
+
+    def test_bdat_bare_newlines(self) -> None:
+        """
+        The bare-newline rule applies to BDAT too: such a message could
+        still smuggle through a laxer server it is relayed to.
+        """
+        conn = self.ready()
+        self.envelope(conn)
+        chunk = b"Subject: x\r\n\r\nbare\n.\nMAIL FROM:<e@x.test>\r\n"
+        conn.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+        self.assertReply(conn.take(), 250, "2.0.0")
+        conn.send(b"BDAT 0 LAST\r\n")
+        self.assertReply(conn.take(), 550, "5.5.2")
+        self.assertEqual(self.ctx.entries, [])
+
+        self.ctx = self.context(limits={"bare_newline": "normalize"})
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry),
+                         b"Subject: x\r\n\r\nbare\r\n.\r\nMAIL FROM:<e@x.test>\r\n")
+
+    def test_bdat_without_mail(self) -> None:
+        conn = self.ready()
+        chunk = b"MAIL FROM:<evil@x.test>\r\nNOOP\r\n"
+        conn.send(b"BDAT %d\r\n" % len(chunk) + chunk + b"NOOP\r\n")
+        self.assertReplies(conn.take(), [(503, "5.5.1"), (250, "2.0.0")])
+        self.assertNotIn("MAIL", conn.proto.counts)
+        conn.send(b"BDAT 6 LAST\r\nQUIT\r\n")
+        self.assertReply(conn.take(), 503, "5.5.1")
+        self.assertFalse(conn.closed)
+
+    def test_bdat_before_helo(self) -> None:
+        conn = self.connect()
+        conn.send(b"BDAT 6\r\nQUIT\r\n")
+        self.assertReply(conn.take(), 503, "5.5.1")
+        self.assertFalse(conn.closed)
+
+    def test_bdat_without_recipients(self) -> None:
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<v@foreign.test>", 554, "5.7.1")
+        conn.send(b"BDAT 6\r\nQUIT\r\nRCPT TO:<b@example.test>\r\nBDAT 6 LAST\r\nQUIT\r\n")
+        self.assertReplies(conn.take(), [(554, "5.5.1"), (503, "5.5.1"), (554, "5.5.1")])
+        self.assertFalse(conn.closed)
+        self.assertIsNone(conn.proto.txn)
+        self.assertEqual(self.ctx.entries, [])
+
+    def test_bdat_syntax(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "BDAT", 501, "5.5.4")
+        self.cmd(conn, "BDAT x", 501, "5.5.4")
+        self.cmd(conn, "BDAT -1", 501, "5.5.4")
+        self.cmd(conn, "BDAT 0 LAST now", 501, "5.5.4")
+        self.cmd(conn, "BDAT 0 LAST", 250, "2.0.0")
+
+    def test_data_after_bdat(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 3\r\nabc")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        self.cmd(conn, "DATA", 503, "5.5.1")
+        self.cmd(conn, "RCPT TO:<x@example.test>", 503, "5.5.1")
+        conn.send(b"BDAT 2 LAST\r\n\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0", "queued as")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), b"abc\r\n")
+
+    def test_bdat_after_data_refused(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"BDAT 3 LAST\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), b"BDAT 3 LAST\r\n")
+
+    def test_bdat_then_data_then_bdat(self) -> None:
+        conn = self.ready()
+        self.envelope(conn, "one@example.test")
+        conn.send(b"BDAT 5 LAST\r\none\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        reply = self.send_message(conn, b"two\r\n", "two@example.test")
+        self.assertIsReply(reply, 250, "2.0.0")
+        self.envelope(conn, "three@example.test")
+        conn.send(b"BDAT 7 LAST\r\nthree\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        bodies = [self.received_body(e) for e in self.ctx.entries]
+        self.assertEqual(bodies, [b"one\r\n", b"two\r\n", b"three\r\n"])
+
+    def test_bdat_pipelined_transactions(self) -> None:
+        conn = self.ready()
+        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+                  b"BDAT 4\r\nab\r\nBDAT 3 LAST\r\nc\r\n"
+                  b"MAIL FROM:<c@example.org>\r\nRCPT TO:<d@example.test>\r\n"
+                  b"BDAT 5 LAST\r\nxyz\r\n")
+        self.assertReplies(conn.take(), [(250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0"),
+                                         (250, "2.0.0"), (250, "2.1.0"), (250, "2.1.5"),
+                                         (250, "2.0.0")])
+
+    def test_bdat_too_big(self) -> None:
+        self.ctx = self.context(limits={"message_size": 1000})
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 600\r\n" + b"x" * 600)
+        self.assertReply(conn.take(), 250, "2.0.0")
+        conn.send(b"BDAT 600 LAST\r\n" + b"x" * 600)
+        self.assertReply(conn.take(), 552, "5.3.4")
+        self.assertEqual(self.ctx.entries, [])
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+        self.assertFalse(conn.closed)
+        self.envelope(conn)
+        conn.send(b"BDAT 5 LAST\r\nsmall")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        self.assertEqual(len(self.ctx.entries), 1)
+
+    def test_bdat_too_big_pipelined_chunks(self) -> None:
+        """
+        Chunks already pipelined behind the one that went over the limit
+        are read and refused alike (RFC 3030 4.2), not taken as commands
+        or counted as errors; then the session goes on.
+        """
+        self.ctx = self.context(limits={"message_size": 1000})
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 2000\r\n" + b"x" * 2000)
+        self.assertReply(conn.take(), 552, "5.3.4")
+        for i in range(12):
+            conn.send(b"BDAT 500\r\n" + b"MAIL FROM:<e@x.test>\r\n".ljust(500, b"y"))
+        conn.send(b"BDAT 10 LAST\r\n" + b"z" * 10)
+        replies = conn.take()
+        self.assertEqual(len(replies), 13)
+        for reply in replies:
+            self.assertIsReply(reply, 552, "5.3.4")
+        self.assertFalse(conn.closed)
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+        self.envelope(conn)
+        self.cmd(conn, "BDAT 0 LAST", 250, "2.0.0")
+
+    def test_bdat_too_big_then_new_transaction(self) -> None:
+        """A client that stops after the refused chunk can start again."""
+        self.ctx = self.context(limits={"message_size": 1000})
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 2000\r\n" + b"x" * 2000)
+        self.assertReply(conn.take(), 552, "5.3.4")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 250, "2.1.5")
+        self.cmd(conn, "BDAT 0 LAST", 250, "2.0.0")
+        self.assertEqual(len(self.ctx.entries), 1)
+
+    def test_bdat_timeout_mid_chunk(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 100\r\nabc")
+        self.ctx.reactor.advance(301)
+        self.assertReply(conn.take(), 421, "4.4.2")
+        conn.lose()
+        self.assertEqual(os.listdir(self.ctx.spool.queue), [])
+
+
+# --- smuggling -------------------------------------------------------------------
+
+SMUGGLE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"]
+
+
+def smuggling_body(end: bytes) -> bytes:
+    return (b"Subject: innocent\r\n\r\nHello" + end
+            + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@example.test>\r\nDATA\r\n"
+            + b"Subject: smuggled\r\n\r\nevil\r\n")
+
+
+class SmugglingTests(ServerTestCase):
+
+    def smuggle(self, end: bytes, byte_by_byte: bool = False) -> list[Reply]:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        data = smuggling_body(end) + b".\r\nNOOP\r\n"
+        if byte_by_byte:
+            for b in data:
+                conn.send(bytes([b]))
+        else:
+            conn.send(data)
+        self.assertEqual(conn.proto.counts.get("MAIL"), 1, end)
+        self.assertEqual(conn.proto.counts.get("DATA"), 1, end)
+        self.assertFalse(conn.closed)
+        return conn.take()
+
+    def test_reject(self) -> None:
+        for end in SMUGGLE_ENDS:
+            for pieces in (False, True):
+                self.ctx = self.context()
+                replies = self.smuggle(end, pieces)
+                self.assertReplies(replies, [(550, "5.5.2"), (250, "2.0.0")])
+                self.assertEqual(self.ctx.entries, [], end)
+                self.assertEqual(os.listdir(self.ctx.spool.queue), [], end)
+
+    def test_normalize(self) -> None:
+        for end in SMUGGLE_ENDS:
+            for pieces in (False, True):
+                self.ctx = self.context(limits={"bare_newline": "normalize"})
+                replies = self.smuggle(end, pieces)
+                self.assertReplies(replies, [(250, "2.0.0"), (250, "2.0.0")])
+                [entry] = self.ctx.entries
+                body = self.received_body(entry)
+                self.assertEqual(body.count(b"\r"), body.count(b"\r\n"), (end, body))
+                self.assertEqual(body.count(b"\n"), body.count(b"\r\n"), (end, body))
+                self.assertTrue(body.startswith(b"Subject: innocent\r\n\r\nHello\r\n"))
+                self.assertTrue(body.endswith(b"\r\nevil\r\n"), body)
+
+    def test_clean_message_in_reject_mode(self) -> None:
+        conn = self.ready()
+        reply = self.send_message(conn, b"Subject: ok\r\n\r\nline\r\n.\r\n"[:-3])
+        self.assertIsReply(reply, 250, "2.0.0")
+
+    def test_bare_cr_at_the_end(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: x\r\n\r\nend\r")
+        conn.send(b"\r\n.\r\n")
+        self.assertReply(conn.take(), 550, "5.5.2")
+
+    def test_crlf_split_between_reads(self) -> None:
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: x\r")
+        conn.send(b"\n\r\nbody\r")
+        conn.send(b"\n.\r")
+        conn.send(b"\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(self.received_body(entry), b"Subject: x\r\n\r\nbody\r\n")

@@ -553,7 +553,7 @@ class ESMTPServer(Protocol):
     def _check_may_mail(self) -> Reply | None:
         if self.session.helo is None:
             return R.NEED_HELO
-        if self.txn is not None:
+        if self.txn is not None and self.txn.failed is None:
             return R.NESTED_MAIL
         if self.listen.tls == "require-starttls" and self._tls_now() is None:
             return R.NEED_TLS
@@ -565,6 +565,9 @@ class ESMTPServer(Protocol):
         refusal = self._check_may_mail()
         if refusal is not None:
             return refusal
+        # A BDAT transaction with a refused chunk is over: RFC 3030 tells
+        # the client to send no more of it, so it may well start anew.
+        self._reset_transaction()
         extra = self.context.auth.mail_params(self) if self.context.auth is not None else frozenset()
         mail = grammar.parse_mail(argument, max_size=self.config.limits.message_size,
                                   extra_params=extra)
@@ -700,15 +703,20 @@ class ESMTPServer(Protocol):
         refusal = None
         if txn is None:
             refusal = R.NEED_MAIL if self.session.helo else R.NEED_HELO
-        elif not txn.envelope.recipients:
-            refusal = R.NO_VALID_RCPT
         elif txn.failed is not None:
             refusal = txn.failed
+        elif not txn.envelope.recipients:
+            refusal = R.NO_VALID_RCPT
         elif not txn.bdat:
-            txn.bdat = True
             refusal = self._start_body()
-        if refusal is not None and txn is not None:
-            txn.failed = refusal
+        if txn is not None:
+            # From the first BDAT on, the transaction is BDAT's: no more
+            # RCPT, no DATA.  Once a chunk is refused, every chunk after
+            # it is refused alike until LAST (RFC 3030 2: the client may
+            # have pipelined them; we read and drop them).
+            txn.bdat = True
+            if refusal is not None:
+                txn.failed = refusal
         # The chunk is read whatever the answer (RFC 3030 2): its bytes
         # must never be taken for commands.
         self._reader = ChunkReader(size)
@@ -766,9 +774,10 @@ class ESMTPServer(Protocol):
         if refusal is None and txn is not None and txn.too_big:
             refusal = R.SIZE_EXCEEDED
         if refusal is not None:
-            if txn is not None and txn.incoming is not None:
+            if txn is not None:
                 txn.abort()
-            if self._chunk_last or refusal is R.SIZE_EXCEEDED:
+                txn.failed = refusal
+            if self._chunk_last:
                 self._reset_transaction()
             return self._answer(refusal)
         if not self._chunk_last:
