@@ -46,9 +46,22 @@ class Address:
     local: str
     domain: str | None
 
+    def __post_init__(self) -> None:
+        # Addresses are also made by plugins, and are printed into command
+        # lines, logs and the spool: none may carry a byte that can end or
+        # split a line there, whatever the text came from.
+        if _LINE_BREAKING.search(self.local) or (
+                self.domain is not None and _LINE_BREAKING.search(self.domain)):
+            raise ValueError(f"control character in address {self.local!r}@{self.domain!r}")
+
     def __str__(self) -> str:
+        """
+        The mailbox as RFC 5321 (RFC 6531 for UTF-8) text, with the local
+        part quoted only when it is not a dot-string: the least quoting,
+        which L{parse_mailbox} reads back to an equal L{Address}.
+        """
         local = self.local
-        if not _DOT_STRING.match(local):
+        if not _UDOT_STRING.fullmatch(local):
             local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return local if self.domain is None else f"{local}@{self.domain}"
 
@@ -85,26 +98,42 @@ class Address:
 
 
 # --- tokens -----------------------------------------------------------------
+#
+# Every pattern is used with fullmatch: "$" would also match before a final
+# newline, so "example.com\n" would pass for a domain.  Digits are spelt
+# [0-9], since \d also matches other scripts' digits.
 
+# RFC 6531 lets any non-ASCII character into addresses; the C1 controls
+# (NEL among them) and the Unicode line and paragraph separators are left
+# out, since text tools take them for line breaks.
+_UTF8 = r"[^\x00-\x9f\u2028\u2029]"
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _LDH = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ULABEL = r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,62}"
-_DOMAIN = re.compile(rf"^{_LDH}(?:\.{_LDH})*$")
-_UDOMAIN = re.compile(rf"^{_ULABEL}(?:\.{_ULABEL})*$")
+_ULETDIG = rf"(?:[A-Za-z0-9]|{_UTF8})"
+_ULABEL = rf"{_ULETDIG}(?:(?:[A-Za-z0-9-]|{_UTF8}){{0,61}}{_ULETDIG})?"
+_DOMAIN = re.compile(rf"{_LDH}(?:\.{_LDH})*")
+_UDOMAIN = re.compile(rf"{_ULABEL}(?:\.{_ULABEL})*")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
-_UATEXT = r"(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]|[^\x00-\x7f])"
-_DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
-_UDOT_STRING = re.compile(rf"^{_UATEXT}+(?:\.{_UATEXT}+)*$")
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")
-_UVALUE = re.compile(r"^(?:[\x21-\x3c\x3e-\x7e]|[^\x00-\x7f])+$")
-_VERB = re.compile(r"^[A-Za-z]{1,10}$")
+_UATEXT = rf"(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{{|}}~]|{_UTF8})"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_UDOT_STRING = re.compile(rf"{_UATEXT}+(?:\.{_UATEXT}+)*")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+_UVALUE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{_UTF8})+")
+_VERB = re.compile(r"[A-Za-z]{1,10}")
+_UTF8_CHAR = re.compile(_UTF8)
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+")
+_TAG = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]")
+_DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
 
 
 def is_domain(text: str, utf8: bool = False) -> bool:
     """Whether C{text} is an RFC 5321 Domain (RFC 6531 U-labels if C{utf8})."""
     if not text or len(text.encode("utf-8")) > MAX_DOMAIN:
         return False
-    return bool((_UDOMAIN if utf8 else _DOMAIN).match(text))
+    return bool((_UDOMAIN if utf8 else _DOMAIN).fullmatch(text))
 
 
 def is_address_literal(text: str) -> bool:
@@ -113,12 +142,16 @@ def is_address_literal(text: str) -> bool:
         return False
     inner = text[1:-1]
     if inner[:5].lower() == "ipv6:":
+        # ipaddress also takes a scope ("fe80::1%eth0", with any text
+        # after the %), which RFC 5321 has no room for.
+        if not _IPV6.fullmatch(inner[5:]):
+            return False
         try:
             ipaddress.IPv6Address(inner[5:])
         except ValueError:
             return False
         return True
-    if re.match(r"^\d{1,3}(\.\d{1,3}){3}$", inner):
+    if _IPV4.fullmatch(inner):
         try:
             ipaddress.IPv4Address(inner)
         except ValueError:
@@ -126,11 +159,7 @@ def is_address_literal(text: str) -> bool:
         return True
     # General-address-literal: Standardized-tag ":" 1*dcontent
     tag, colon, content = inner.partition(":")
-    return bool(
-        colon
-        and re.match(r"^[A-Za-z0-9-]*[A-Za-z0-9]$", tag)
-        and re.match(r"^[\x21-\x5a\x5e-\x7e]+$", content)
-    )
+    return bool(colon and _TAG.fullmatch(tag) and _DCONTENT.fullmatch(content))
 
 
 # --- commands ---------------------------------------------------------------
@@ -159,7 +188,7 @@ def parse_command(line: bytes) -> Command:
     except UnicodeDecodeError:
         raise GrammarError(_replies.EIGHT_BIT_COMMAND)
     verb, _, argument = text.partition(" ")
-    if not _VERB.match(verb):
+    if not _VERB.fullmatch(verb):
         raise GrammarError(_replies.SYNTAX_UNKNOWN)
     return Command(verb.upper(), argument)
 
@@ -169,9 +198,10 @@ def parse_helo(argument: str) -> str:
     The client's name from a HELO/EHLO argument: a domain or an address
     literal (RFC 5321 4.1.1.1).  Postfix, and this parser, accept any single
     token, since many clients send a bare host name or worse; only an empty
-    argument or one with spaces is refused.
+    argument, one with spaces or one with control characters is refused.
     """
-    name = argument.strip()
+    # Only spaces are trimmed: strip() would also hide a CR or a tab.
+    name = argument.strip(" ")
     if not name or " " in name or not name.isprintable():
         raise GrammarError(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
     return name
@@ -209,6 +239,7 @@ def _split_path(text: str) -> tuple[str, str]:
 
 
 def _parse_local_part(text: str, utf8: bool) -> str:
+    """The local part C{text} means: a dot-string as is, a quoted string unquoted."""
     if text.startswith('"'):
         if len(text) < 2 or not text.endswith('"'):
             raise ValueError("unterminated quoted string")
@@ -226,14 +257,34 @@ def _parse_local_part(text: str, utf8: bool) -> str:
                 out.append(nxt)
                 i += 2
                 continue
-            if c == '"' or not (c == " " or "!" <= c <= "~" or (utf8 and ord(c) > 127)):
+            if c == '"' or not (" " <= c <= "~" or (utf8 and _UTF8_CHAR.fullmatch(c))):
                 raise ValueError("bad character in quoted string")
             out.append(c)
             i += 1
         return "".join(out)
-    if not (_UDOT_STRING if utf8 else _DOT_STRING).match(text):
+    if not (_UDOT_STRING if utf8 else _DOT_STRING).fullmatch(text):
         raise ValueError("bad local part")
     return text
+
+
+def _local_part_end(text: str) -> int:
+    """
+    Where the local part at the start of C{text} ends: after its closing
+    quote for a quoted string (which may hold an C{@}), else at the first
+    C{@} (a dot-string holds none; a general address literal may).
+    """
+    if not text.startswith('"'):
+        return text.find("@")
+    i, n = 1, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+        elif c == '"':
+            return i + 1
+        else:
+            i += 1
+    raise ValueError("unterminated quoted string")
 
 
 def parse_mailbox(text: str, utf8: bool = False) -> Address:
@@ -242,19 +293,20 @@ def parse_mailbox(text: str, utf8: bool = False) -> Address:
     C{utf8}, RFC 6531 UTF-8 local parts and U-label domains are allowed.
     Raises L{ValueError} with the reason when C{text} is not a mailbox.
     """
-    at = text.rfind("@")
-    if at <= 0:
+    at = _local_part_end(text)
+    if at <= 0 or text[at : at + 1] != "@":
         raise ValueError("no domain")
     local_text, domain = text[:at], text[at + 1 :]
-    local = _parse_local_part(local_text, utf8)
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+    # RFC 5321 4.5.3.1.1 limits the Local-part as sent, quotes included.
+    if len(local_text.encode("utf-8")) > MAX_LOCAL_PART:
         raise ValueError("local part too long")
+    local = _parse_local_part(local_text, utf8)
     if not (is_domain(domain, utf8) or is_address_literal(domain)):
         raise ValueError("bad domain")
     return Address(local, domain)
 
 
-def _strip_source_route(text: str) -> str:
+def _strip_source_route(text: str, utf8: bool = False) -> str:
     """
     Drop an RFC 5321 A-d-l source route (C{@a,@b:user@c}); the RFC says to
     accept and ignore it, and ignoring it is what keeps it from opening a
@@ -266,7 +318,7 @@ def _strip_source_route(text: str) -> str:
     if not colon:
         raise ValueError("bad source route")
     for hop in route.split(","):
-        if not (hop.startswith("@") and (is_domain(hop[1:]) or is_address_literal(hop[1:]))):
+        if not (hop.startswith("@") and (is_domain(hop[1:], utf8) or is_address_literal(hop[1:]))):
             raise ValueError("bad source route")
     return mailbox
 
@@ -276,9 +328,12 @@ def parse_path(text: str, utf8: bool = False, null_ok: bool = False,
     """
     Parse the inside of a path's angle brackets.  Returns C{None} for the
     null path (only where C{null_ok}); C{Address(Postmaster, None)} for a
-    bare C{Postmaster} (only where C{postmaster_ok}).
+    bare C{Postmaster} (only where C{postmaster_ok}).  A source route is
+    dropped.
     """
-    if len(text.encode("utf-8")) > MAX_PATH:
+    # RFC 5321 4.5.3.1.3: 256 octets "including the punctuation", that is
+    # the angle brackets too.
+    if len(text.encode("utf-8")) + 2 > MAX_PATH:
         raise ValueError("path too long")
     if text == "":
         if null_ok:
@@ -286,7 +341,7 @@ def parse_path(text: str, utf8: bool = False, null_ok: bool = False,
         raise ValueError("null path")
     if postmaster_ok and text.lower() == "postmaster":
         return Address(text, None)
-    return parse_mailbox(_strip_source_route(text), utf8)
+    return parse_mailbox(_strip_source_route(text, utf8), utf8)
 
 
 def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
@@ -295,11 +350,15 @@ def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
     keys.  A repeated keyword or a malformed one raises L{ValueError}.
     """
     params: dict[str, str | None] = {}
-    for word in text.split():
+    # Parameters are separated by SP (RFC 5321 4.1.2); str.split() would
+    # also split at tabs and Unicode spaces.
+    for word in text.split(" "):
+        if not word:
+            continue
         key, eq, value = word.partition("=")
-        if not _KEYWORD.match(key):
+        if not _KEYWORD.fullmatch(key):
             raise ValueError(f"bad parameter {word!r}")
-        if eq and not (_UVALUE if utf8 else _VALUE).match(value):
+        if eq and not (_UVALUE if utf8 else _VALUE).fullmatch(value):
             raise ValueError(f"bad parameter value {word!r}")
         key = key.upper()
         if key in params:
@@ -324,8 +383,17 @@ class RcptCommand:
     params: dict[str, str | None]
 
 
+def _upper_ascii(text: str) -> str:
+    """
+    C{text} upper-cased when it is ASCII, else as it is: str.upper maps
+    some non-ASCII letters to ASCII ones (dotless i to I, long s to S), so
+    "8B\\u0131TMIME" must not pass for 8BITMIME.
+    """
+    return text.upper() if text.isascii() else text
+
+
 def _split_prefix(argument: str, prefix: str, usage: Reply) -> str:
-    if argument[: len(prefix)].upper() != prefix:
+    if _upper_ascii(argument[: len(prefix)]) != prefix:
         raise GrammarError(usage)
     # Postfix (strict_rfc821_envelopes=no) takes a space after the colon;
     # so many clients send one that refusing it helps nobody.
@@ -367,14 +435,14 @@ def parse_mail(argument: str, *, max_size: int, extra_params: frozenset[str] = f
     size = None
     if "SIZE" in params:
         value = params["SIZE"]
-        if value is None or not value.isdigit() or len(value) > 20:
+        if value is None or not _DIGITS.fullmatch(value):
             raise GrammarError(Reply(501, "5.5.4", "Bad message size syntax"))
         size = int(value)
         if size > max_size:
             raise GrammarError(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
     body = "7BIT"
     if "BODY" in params:
-        value = (params["BODY"] or "").upper()
+        value = _upper_ascii(params["BODY"] or "")
         if value not in ("7BIT", "8BITMIME"):
             raise GrammarError(Reply(501, "5.5.4", "Unsupported BODY parameter"))
         body = value
@@ -413,10 +481,10 @@ def parse_rcpt(argument: str, *, smtputf8: bool) -> RcptCommand:
 
 def parse_bdat(argument: str) -> tuple[int, bool]:
     """Parse C{BDAT size [LAST]} (RFC 3030) into (size, last)."""
-    words = argument.split()
-    if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 20:
+    words = [w for w in argument.split(" ") if w]
+    if not words or len(words) > 2 or not _DIGITS.fullmatch(words[0]):
         raise GrammarError(Reply(501, "5.5.4", "Syntax: BDAT count [LAST]"))
-    if len(words) == 2 and words[1].upper() != "LAST":
+    if len(words) == 2 and _upper_ascii(words[1]) != "LAST":
         raise GrammarError(Reply(501, "5.5.4", "Syntax: BDAT count [LAST]"))
     return int(words[0]), len(words) == 2
 
