@@ -1749,3 +1749,225 @@ class SmugglingTests(ServerTestCase):
         self.assertReply(conn.take(), 250, "2.0.0")
         [entry] = self.ctx.entries
         self.assertEqual(self.received_body(entry), b"Subject: x\r\n\r\nbody\r\n")
+
+
+# --- STARTTLS ----------------------------------------------------------------------
+
+
+class _Bypass:
+    """What the TLS layer writes to: the fake connection's raw side."""
+
+    def __init__(self, connection: "TLSFakeTransport"):
+        self._connection = connection
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+    def write(self, data: bytes) -> None:
+        iosim.FakeTransport.write(self._connection, data)
+
+    def writeSequence(self, iovec) -> None:
+        iosim.FakeTransport.write(self._connection, b"".join(iovec))
+
+    def loseConnection(self) -> None:
+        iosim.FakeTransport.loseConnection(self._connection)
+
+
+class TLSFakeTransport(iosim.FakeTransport):
+    """
+    An iosim transport whose C{startTLS} is real TLS, layered the way
+    Twisted's TCP transports do it (L{twisted.internet._newtls}): the
+    protocol keeps its transport, which from then on provides
+    L{ISSLTransport} and sends through a L{TLSMemoryBIOProtocol}.
+    """
+
+    TLS = False
+    paused = False
+
+    def __init__(self, protocol, isServer, clock, **kw):
+        super().__init__(protocol, isServer, **kw)
+        self.clock = clock
+
+    def startTLS(self, contextFactory, normal=True):
+        client = (not self.isServer) if normal else self.isServer
+        factory = TLSMemoryBIOFactory(contextFactory, client, None, clock=self.clock)
+        tls = TLSMemoryBIOProtocol(factory, self.protocol, False)
+        self.protocol = tls
+        self.getHandle = tls.getHandle
+        directlyProvides(self, ISSLTransport)
+        self.TLS = True
+        tls.makeConnection(_Bypass(self))
+
+    def write(self, data: bytes) -> None:
+        if self.TLS:
+            self.protocol.write(data)
+        else:
+            super().write(data)
+
+    def loseConnection(self) -> None:
+        if self.TLS and not self.disconnecting:
+            self.protocol.loseConnection()
+        else:
+            super().loseConnection()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+
+class LineClient(Protocol):
+    """The client side: collects what the server says."""
+
+    def __init__(self):
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def take(self) -> bytes:
+        data, self.received = self.received, b""
+        return data
+
+
+class StartTLSTests(ServerTestCase):
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ctx = self.context(tls=tls_options())
+
+    def tls_connect(self, ctx=None, **listen):
+        ctx = ctx if ctx is not None else self.ctx
+        factory = self.factory(ctx, **listen)
+        peer = IPv4Address("TCP", UNTRUSTED_IP, 40000)
+        server = factory.buildProtocol(peer)
+        client = LineClient()
+        self.server_io = TLSFakeTransport(server, True, ctx.reactor,
+                                          hostAddress=SERVER_ADDR, peerAddress=peer)
+        self.client_io = TLSFakeTransport(client, False, ctx.reactor,
+                                          hostAddress=peer, peerAddress=SERVER_ADDR)
+        self.pump = iosim.connect(server, self.server_io, client, self.client_io,
+                                  clock=ctx.reactor)
+        self.assertTrue(client.take().startswith(b"220 mx.example.test ESMTP"))
+        return server, client
+
+    def say(self, client: LineClient, data: bytes) -> bytes:
+        client.transport.write(data)
+        self.pump.flush()
+        return client.take()
+
+    def start_tls(self, server, client, extra: bytes = b"") -> None:
+        reply = self.say(client, b"STARTTLS\r\n" + extra)
+        self.assertIn(reply, (b"220 2.0.0 Ready to start TLS\r\n",  # after EHLO
+                              b"220 Ready to start TLS\r\n"))
+        self.client_io.startTLS(ssl.CertificateOptions())
+        self.pump.flush()
+        self.assertTrue(ISSLTransport.providedBy(server.transport))
+
+    def test_starttls(self) -> None:
+        server, client = self.tls_connect()
+        reply = self.say(client, b"EHLO c\r\n")
+        self.assertTrue(reply.endswith(b"250-CHUNKING\r\n250 STARTTLS\r\n"), reply)
+        self.start_tls(server, client)
+        # The session starts over: HELO is forgotten ...
+        self.assertEqual(self.say(client, b"MAIL FROM:<a@example.org>\r\n"),
+                         b"503 Error: send HELO/EHLO first\r\n")
+        # ... and STARTTLS is no longer offered.
+        reply = self.say(client, b"EHLO c\r\n")
+        self.assertTrue(reply.endswith(b"250 CHUNKING\r\n"), reply)
+        self.assertNotIn(b"STARTTLS", reply)
+        self.assertEqual(self.say(client, b"STARTTLS\r\n"),
+                         b"503 5.5.1 Error: TLS already active\r\n")
+        self.assertEqual(self.say(client, b"MAIL FROM:<a@example.org>\r\n"
+                                          b"RCPT TO:<b@example.test>\r\nDATA\r\n"),
+                         b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+        reply = self.say(client, b"Subject: secret\r\n\r\nhush\r\n.\r\n")
+        self.assertTrue(reply.startswith(b"250 2.0.0 Ok: queued as "), reply)
+        [entry] = self.ctx.entries
+        self.assertTrue(entry.client["tls"].startswith("TLSv1."), entry.client)
+        data = self.stored_file(entry)
+        self.assertIn(b"\t(using TLSv1.", data.split(b"\r\n")[1])
+        self.assertIn(b" with ESMTPS id ", data)
+        self.assertIsNotNone(server.session.tls)
+        self.assertEqual(self.say(client, b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+
+    def test_plaintext_after_starttls_discarded(self) -> None:
+        """CVE-2011-0411: commands pipelined in the clear behind STARTTLS are dropped."""
+        server, client = self.tls_connect()
+        self.say(client, b"EHLO c\r\n")
+        self.start_tls(server, client, extra=b"MAIL FROM:<evil@x.test>\r\n"
+                                             b"RCPT TO:<v@example.test>\r\n")
+        self.assertNotIn("MAIL", server.counts)
+        self.assertNotIn("RCPT", server.counts)
+        self.assertIsNone(server.txn)
+        self.assertEqual(client.take(), b"")
+        self.assertEqual(self.say(client, b"EHLO c\r\n")[:4], b"250-")
+        self.assertEqual(self.say(client, b"RCPT TO:<v@example.test>\r\n"),
+                         b"503 5.5.1 Error: need MAIL command\r\n")
+
+    def test_plaintext_in_next_packet_never_read_as_tls(self) -> None:
+        """Clear text sent after STARTTLS but before the handshake breaks the handshake."""
+        server, client = self.tls_connect()
+        self.say(client, b"EHLO c\r\n")
+        self.assertEqual(self.say(client, b"STARTTLS\r\n"), b"220 2.0.0 Ready to start TLS\r\n")
+        iosim.FakeTransport.write(self.client_io, b"MAIL FROM:<evil@x.test>\r\n")
+        self.pump.flush()
+        self.assertNotIn("MAIL", server.counts)
+        self.assertTrue(server._closed)
+
+    def test_starttls_with_parameter(self) -> None:
+        server, client = self.tls_connect()
+        self.say(client, b"EHLO c\r\n")
+        self.assertEqual(self.say(client, b"STARTTLS now\r\n"),
+                         b"501 5.5.4 Syntax: STARTTLS\r\n")
+        self.assertFalse(ISSLTransport.providedBy(server.transport))
+
+    def test_starttls_in_transaction(self) -> None:
+        server, client = self.tls_connect()
+        self.say(client, b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(self.say(client, b"STARTTLS\r\n"),
+                         b"503 5.5.1 Error: MAIL transaction in progress\r\n")
+        self.assertFalse(ISSLTransport.providedBy(server.transport))
+
+    def test_starttls_before_ehlo(self) -> None:
+        server, client = self.tls_connect()
+        self.start_tls(server, client)
+        self.assertEqual(self.say(client, b"EHLO c\r\n")[:4], b"250-")
+
+    def test_require_starttls(self) -> None:
+        server, client = self.tls_connect(tls="require-starttls")
+        reply = self.say(client, b"EHLO c\r\n")
+        self.assertIn(b"250 STARTTLS\r\n", reply)
+        self.assertEqual(self.say(client, b"MAIL FROM:<a@example.org>\r\n"),
+                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+        self.start_tls(server, client)
+        self.say(client, b"EHLO c\r\n")
+        self.assertEqual(self.say(client, b"MAIL FROM:<a@example.org>\r\n"), b"250 2.1.0 Ok\r\n")
+
+    def test_require_starttls_on_plain_transport(self) -> None:
+        conn = self.ready(tls="require-starttls")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 530, "5.7.0")
+        self.cmd(conn, "RCPT TO:<b@example.test>", 503, "5.5.1")
+
+    def test_tls_none_listener(self) -> None:
+        server, client = self.tls_connect(tls="none")
+        reply = self.say(client, b"EHLO c\r\n")
+        self.assertNotIn(b"STARTTLS", reply)
+        self.assertEqual(self.say(client, b"STARTTLS\r\n"),
+                         b"502 5.5.1 Error: command not implemented\r\n")
+        self.assertFalse(ISSLTransport.providedBy(server.transport))
+
+    def test_stop_reading_under_tls(self) -> None:
+        """A slow filter pauses the (TLS) transport as it does a plain one."""
+        judge = Judge(rcpt="later")
+        self.use_filters(judge)
+        server, client = self.tls_connect()
+        self.start_tls(server, client)
+        self.say(client, b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(self.say(client, b"RCPT TO:<b@example.test>\r\nNOOP\r\n"), b"")
+        self.assertTrue(self.server_io.paused)
+        judge.waiting[0][1].callback(None)
+        self.pump.flush()
+        self.assertEqual(client.take(), b"250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n")
+        self.assertFalse(self.server_io.paused)
