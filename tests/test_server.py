@@ -27,7 +27,9 @@ from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface import directlyProvides, implementer
 
-from twisted_mta.interfaces import IConnectFilter, IDataFilter, IMailFilter, IRcptFilter
+from twisted_mta.interfaces import (
+    IConnectFilter, IDataFilter, IHeloFilter, IMailFilter, IRcptFilter,
+)
 from twisted_mta.pipeline import LoadedPlugin, Pipeline
 from twisted_mta.smtp import grammar
 from twisted_mta.smtp.replies import Reply
@@ -1971,3 +1973,51 @@ class StartTLSTests(ServerTestCase):
         self.pump.flush()
         self.assertEqual(client.take(), b"250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n")
         self.assertFalse(self.server_io.paused)
+
+    def test_implicit_tls(self) -> None:
+        """An implicit-TLS listener: the session is under TLS from the start."""
+        factory = TLSMemoryBIOFactory(tls_options(), False, self.factory(tls="implicit"),
+                                      clock=self.ctx.reactor)
+        peer = IPv4Address("TCP", UNTRUSTED_IP, 40000)
+        server = factory.buildProtocol(peer)
+        client = LineClient()
+        server_io = iosim.FakeTransport(server, True, hostAddress=SERVER_ADDR, peerAddress=peer)
+        self.client_io = TLSFakeTransport(client, False, self.ctx.reactor,
+                                          hostAddress=peer, peerAddress=SERVER_ADDR)
+        self.pump = iosim.connect(server, server_io, client, self.client_io,
+                                  greet=False, clock=self.ctx.reactor)
+        self.client_io.startTLS(ssl.CertificateOptions())
+        self.pump.flush()
+        self.assertTrue(client.take().startswith(b"220 mx.example.test ESMTP"))
+        smtp = server.wrappedProtocol
+        self.assertTrue(smtp.session.tls.version.startswith("TLSv1."), smtp.session.tls)
+        self.assertTrue(smtp.session.tls.cipher)
+        reply = self.say(client, b"EHLO c\r\n")
+        self.assertNotIn(b"STARTTLS", reply)
+        self.assertEqual(self.say(client, b"STARTTLS\r\n"),
+                         b"503 5.5.1 Error: TLS already active\r\n")
+        self.say(client, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n")
+        reply = self.say(client, b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+        self.assertIn(b"250 2.0.0 Ok: queued as", reply)
+        [entry] = self.ctx.entries
+        data = self.stored_file(entry)
+        self.assertIn(b" with cipher ", data.split(b"\r\n")[1])
+        self.assertNotIn(b"(0/0 bits)", data)
+        self.assertIn(b" with ESMTPS id ", data)
+
+    def test_helo_filter_sees_tls(self) -> None:
+        """After STARTTLS, the session plugins see says TLS from EHLO on."""
+        seen = []
+
+        @implementer(IHeloFilter)
+        class Look:
+            def helo(self, session, hostname):
+                seen.append(session.tls)
+
+        self.use_filters(Look())
+        server, client = self.tls_connect()
+        self.say(client, b"EHLO c\r\n")
+        self.start_tls(server, client)
+        self.say(client, b"EHLO c\r\n")
+        self.assertIsNone(seen[0])
+        self.assertTrue(seen[1].version.startswith("TLSv1."), seen)

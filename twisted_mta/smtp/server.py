@@ -106,7 +106,7 @@ class Transaction:
             self.incoming = None
 
 
-@implementer(ti.IPushProducer)
+@implementer(ti.IPushProducer, ti.IHandshakeListener)
 class ESMTPServer(Protocol):
     """
     One SMTP session.  See the module docstring.  Handlers are methods
@@ -139,6 +139,7 @@ class ESMTPServer(Protocol):
         self.session: Session | None = None
         self.counts: dict[str, int] = {}
         self._tls_started = False
+        self._awaiting_handshake = False
 
     # --- connection ---------------------------------------------------------
 
@@ -153,6 +154,12 @@ class ESMTPServer(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         host = self.transport.getHost()
+        # On an implicit-TLS listener (RFC 8314) the handshake has not
+        # happened yet: the connect stage and the greeting wait for it
+        # (handshakeCompleted), so plugins, logs and the Received header
+        # see the TLS the client really uses.
+        self._awaiting_handshake = (self.listen.tls == "implicit"
+                                    and ti.ISSLTransport.providedBy(self.transport))
         self.session = Session(
             id=_next_session_id(),
             client_ip=getattr(peer, "host", "") or "",
@@ -160,7 +167,7 @@ class ESMTPServer(Protocol):
             server_ip=getattr(host, "host", "") or "",
             server_port=getattr(host, "port", 0) or 0,
             listener=self.listen.endpoint,
-            tls=tls_info(self.transport),
+            tls=None if self._awaiting_handshake else tls_info(self.transport),
         )
         self.transport.registerProducer(self, True)
         self._reset_timeout()
@@ -170,6 +177,23 @@ class ESMTPServer(Protocol):
         if refusal is not None:
             self._send(refusal)
             return self._close()
+        if not self._awaiting_handshake:
+            self._connect_stage()
+
+    def handshakeCompleted(self) -> None:
+        """
+        IHandshakeListener: TLS is up, after STARTTLS or on an implicit-TLS
+        listener.  From now on the session says which TLS it runs under.
+        """
+        if self._closed:
+            return
+        self.session = self.session.evolve(tls=tls_info(self.transport))
+        if self._awaiting_handshake:
+            self._awaiting_handshake = False
+            self._connect_stage()
+
+    def _connect_stage(self) -> None:
+        """Ask the connect hooks, then greet; nothing is read until then."""
         self._pause("greeting")
         d = self.session_pipeline().ask("connect", self.session)
         d.addCallback(self._greet)
