@@ -94,7 +94,10 @@ class DataReader:
         if self.done:
             raise RuntimeError("DataReader fed after the terminator")
         buf = self._held + data if self._held else data
-        end = buf.find(_TERMINATOR)
+        # A terminator and a stuffed dot both begin with CRLF-dot, and most
+        # bodies hold neither: one scan for it settles both for them.
+        dot = buf.find(b"\r\n.")
+        end = buf.find(_TERMINATOR, dot) if dot >= 0 else -1
         if end >= 0:
             # Keep the CRLF that ends the last line of the body.
             release, self._held = buf[: end + 2], b""
@@ -109,7 +112,7 @@ class DataReader:
             if cut < 0:
                 cut = len(buf)
             release, self._held = buf[:cut], buf[cut:]
-        if b"\r\n." in release:
+        if 0 <= dot <= len(release) - 3:
             # RFC 5321 4.5.2: a leading dot on any line is removed.
             release = release.replace(b"\r\n.", b"\r\n")
         if self._skip:
