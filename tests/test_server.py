@@ -2021,3 +2021,25 @@ class StartTLSTests(ServerTestCase):
         self.say(client, b"EHLO c\r\n")
         self.assertIsNone(seen[0])
         self.assertTrue(seen[1].version.startswith("TLSv1."), seen)
+
+
+class TimeoutWhileBusyTests(ServerTestCase):
+
+    def test_no_idle_timeout_while_the_client_waits_for_us(self) -> None:
+        self.ctx = self.context(limits={"command_timeout": 60})
+        judge = Judge(rcpt="later")
+        self.use_filters(judge, timeout=600)
+        conn = self.ready()
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        conn.send(b"RCPT TO:<b@example.test>\r\n")
+        self.ctx.reactor.advance(200)
+        self.assertEqual(conn.take(), [])
+        self.assertFalse(conn.closed)
+        judge.waiting[0][1].callback(None)
+        self.assertReply(conn.take(), 250, "2.1.5")
+        # Idle again: the timeout applies from the answer on.
+        self.ctx.reactor.advance(59)
+        self.assertFalse(conn.closed)
+        self.ctx.reactor.advance(2)
+        self.assertReply(conn.take(), 421, "4.4.2")
+        self.assertTrue(conn.closed)

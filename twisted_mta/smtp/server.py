@@ -272,6 +272,11 @@ class ESMTPServer(Protocol):
 
     def _timed_out(self) -> None:
         self._timeout = None
+        if self._busy:
+            # The client is waiting for us (a plugin, the spool), not idle:
+            # those waits have bounds of their own.  The clock starts
+            # again, from now.
+            return self._reset_timeout()
         log.info("timeout after {what} from [{ip}] session={sid}",
                  what="DATA" if self._reader else "command",
                  ip=self.session.client_ip, sid=self.session.id)
@@ -414,11 +419,14 @@ class ESMTPServer(Protocol):
         return R.LOCAL_ERROR
 
     def _answer_later(self, reply: Reply | None) -> None:
+        """A command that waited has its answer: send it, read on."""
         self._busy = False
         self._resume("command")
         if reply is not None:
             self._answer(reply)
         if not self._closed:
+            # The client was waiting on us: its idle time starts now.
+            self._reset_timeout()
             self._process()
 
     def _answer(self, reply: Reply) -> None:
