@@ -3,8 +3,8 @@ SMTP replies: one value type and the one place where replies become bytes.
 
 Every reply the server sends is a L{Reply}.  Reply texts may come from
 plugins, so L{Reply.format} is where they are made safe to put on the wire:
-no CR or LF can break out of a reply line, non-ASCII is replaced, and each
-line is bounded.
+no CR or LF can break out of a reply line, non-ASCII is replaced, the
+enhanced status code is checked, and each line is bounded.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import re
 from dataclasses import dataclass
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
-MAX_REPLY_TEXT = 512 - len("250-5.7.1 \r\n")
+MAX_REPLY_LINE = 512
+# The room for text on a line with the usual prefix; a longer enhanced
+# code (RFC 3463 allows three digits in each part) leaves less.
+MAX_REPLY_TEXT = MAX_REPLY_LINE - len("250-5.7.1 \r\n")
 
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
+_LINE_BREAK = re.compile(r"\r?\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +36,13 @@ class Reply:
 
     @property
     def lines(self) -> tuple[str, ...]:
+        """
+        The lines of text: a tuple's items, or a string split at each LF
+        (or CRLF).  Each may still hold characters L{format} replaces.
+        """
         if isinstance(self.text, tuple):
             return self.text or ("",)
-        return tuple(self.text.split("\n"))
+        return tuple(_LINE_BREAK.split(self.text))
 
     @property
     def positive(self) -> bool:
@@ -52,15 +60,19 @@ class Reply:
         """
         The reply as bytes for the wire, one CRLF-terminated line per line
         of text, with the enhanced code on every line when C{enhanced} is
-        true (RFC 2034: after EHLO).
+        true (RFC 2034: after EHLO).  Whatever the text and the enhanced
+        code hold, the result is exactly one reply: printable ASCII lines
+        of at most 512 octets, each starting with the code.
         """
         lines = self.lines
         last = len(lines) - 1
         prefix = str(self.code)
-        code = f"{self.enhanced} " if (enhanced and self.enhanced) else ""
+        code = _wire_enhanced(self.code, self.enhanced) if enhanced else None
+        code = f"{code} " if code else ""
+        room = MAX_REPLY_LINE - len(prefix) - 1 - len(code) - 2
         out = []
         for i, line in enumerate(lines):
-            line = _UNSAFE.sub("?", line)[:MAX_REPLY_TEXT]
+            line = _UNSAFE.sub("?", line)[:room]
             sep = " " if i == last else "-"
             out.append(f"{prefix}{sep}{code}{line}\r\n")
         return "".join(out).encode("ascii")
@@ -80,12 +92,33 @@ def class_digit_matches(code: int, enhanced: str | None) -> bool:
     return enhanced is None or enhanced[0] == str(code)[0]
 
 
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+# fullmatch, and [0-9]: "$" matches before a final newline, \d other
+# scripts' digits.
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 def valid_enhanced(enhanced: str) -> bool:
     """Whether C{enhanced} is an RFC 3463 status code such as C{5.7.1}."""
-    return bool(_ENHANCED.match(enhanced))
+    return bool(_ENHANCED.fullmatch(enhanced))
+
+
+def _wire_enhanced(code: int, enhanced: str | None) -> str | None:
+    """
+    The enhanced code to send with C{code}: C{None} where there is none or
+    the reply class has none (RFC 3463 has only 2, 4 and 5); the class
+    digit set to the reply's, as Postfix does, since a plugin may give
+    5.7.1 for what the server answers with 451; and X.0.0 in place of
+    anything that is not an enhanced code, which could otherwise put any
+    text, a CRLF included, on the wire.
+    """
+    if not enhanced:
+        return None
+    klass = str(code)[:1]
+    if klass not in ("2", "4", "5"):
+        return None
+    if not (isinstance(enhanced, str) and valid_enhanced(enhanced)):
+        return f"{klass}.0.0"
+    return klass + enhanced[1:]
 
 
 # The replies the server gives in more than one place.  Texts follow what
