@@ -2043,3 +2043,72 @@ class TimeoutWhileBusyTests(ServerTestCase):
         self.ctx.reactor.advance(2)
         self.assertReply(conn.take(), 421, "4.4.2")
         self.assertTrue(conn.closed)
+
+
+@implementer(IConnectFilter, IHeloFilter)
+class Doorman:
+    """Answers the connect and helo stages with the verdicts given."""
+
+    def __init__(self, connect=None, helo=None):
+        self.answers = {"connect": connect, "helo": helo}
+
+    def connect(self, session):
+        return self.answers["connect"]
+
+    def helo(self, session, hostname):
+        return self.answers["helo"]
+
+
+class SessionStageTests(ServerTestCase):
+
+    def test_connect_reject(self) -> None:
+        self.use_filters(Doorman(connect=Verdict.reject("Go away")))
+        conn = self.connect(greet=False)
+        self.assertReply(conn.take(), 554, None, "Go away")
+        self.assertEqual(conn.wire(), b"554 mx.example.test Go away\r\n")
+        self.assertFalse(conn.closed)
+        self.cmd(conn, "EHLO c", 503, "5.5.1")
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 503, "5.5.1")
+        self.cmd(conn, "QUIT", 221, "2.0.0")
+        self.assertTrue(conn.closed)
+
+    def test_connect_tempfail(self) -> None:
+        self.use_filters(Doorman(connect=Verdict.tempfail("Busy")))
+        conn = self.connect(greet=False)
+        self.assertReply(conn.take(), 421, "4.7.0", "Busy")
+        self.assertTrue(conn.closed)
+
+    def test_connect_filter_fails(self) -> None:
+        @implementer(IConnectFilter)
+        class Broken:
+            def connect(self, session):
+                raise RuntimeError("broken")
+
+        self.use_filters(Broken())
+        conn = self.connect(greet=False)
+        self.assertReply(conn.take(), 421, "4.7.0")
+        self.assertTrue(conn.closed)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_slow_greeting(self) -> None:
+        slow = SlowConnect()
+        self.use_filters(slow)
+        conn = self.connect(greet=False)
+        self.assertEqual(conn.take(), [])
+        self.assertEqual(conn.transport.producerState, "paused")
+        slow.d.callback(None)
+        self.assertReply(conn.take(), 220)
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_helo_reject(self) -> None:
+        self.use_filters(Doorman(helo=Verdict.reject("Bad name")))
+        conn = self.connect()
+        self.cmd(conn, "EHLO c", 550, "5.7.1", "Bad name")
+        self.assertIsNone(conn.proto.session.helo)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 503, "5.5.1")
+
+    def test_helo_tempfail(self) -> None:
+        self.use_filters(Doorman(helo=Verdict.tempfail()))
+        conn = self.connect()
+        self.cmd(conn, "HELO c", 450, "4.7.1")
+        self.assertIsNone(conn.proto.session.helo)
