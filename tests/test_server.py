@@ -35,7 +35,7 @@ from twisted_mta.smtp import grammar
 from twisted_mta.smtp.replies import Reply
 from twisted_mta.smtp.server import ESMTPFactory
 from twisted_mta.smtp.tls import self_signed, server_options
-from twisted_mta.values import AddHeader, Verdict
+from twisted_mta.values import AddHeader, RemoveHeader, Verdict
 
 from tests.support import FakeContext, make_config
 
@@ -1056,6 +1056,20 @@ class FilterTests(ServerTestCase):
         data = self.stored(entry)
         self.assertTrue(data.startswith(b"X-Checked: yes\r\nReceived: "), data[:80])
         self.assertTrue(data.endswith(b"Subject: x\r\n\r\nbody\r\n"))
+
+    def test_remove_header(self) -> None:
+        self.use_filters(Judge(data=Verdict.continue_(
+            RemoveHeader("X-Tag", "^bad"), RemoveHeader("X-Gone"))))
+        conn = self.ready()
+        reply = self.send_message(conn, b"X-Tag: good\r\nX-Tag: bad one\r\nX-Gone: 1\r\n"
+                                        b"X-Gone: 2\r\n\tfolded\r\nSubject: x\r\n\r\nbody\r\n")
+        self.assertIsReply(reply, 250, "2.0.0")
+        [entry] = self.ctx.entries
+        self.assertEqual(entry.remove_headers, [["X-Tag", "^bad"], ["X-Gone", None]])
+        data = self.stored(entry)
+        self.assertTrue(data.endswith(b"\r\nX-Tag: good\r\nSubject: x\r\n\r\nbody\r\n"), data)
+        self.assertNotIn(b"bad one", data)
+        self.assertNotIn(b"X-Gone", data)
 
     def test_data_filter_sees_message(self) -> None:
         seen = []

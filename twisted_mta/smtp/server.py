@@ -878,7 +878,7 @@ class ESMTPServer(Protocol):
             if isinstance(change, AddHeader):
                 add.append([change.name, change.value])
             elif isinstance(change, RemoveHeader):
-                remove.append(change.name)
+                remove.append([change.name, change.pattern])
         env = txn.envelope
         recipients = [
             RecipientState(address=str(r), route=txn.routes.get(r.key),
