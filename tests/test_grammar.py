@@ -5,6 +5,8 @@ Tests for L{twisted_mta.smtp.grammar}: command lines, paths and mailboxes
 
 from __future__ import annotations
 
+import random
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta.smtp import grammar, replies
@@ -173,6 +175,18 @@ class AddressValueTests(GrammarTestCase):
                 # And through a command, as a client would send it.
                 argument = f"FROM:<{address}> SMTPUTF8"
                 self.assertEqual(mail(argument).sender, address)
+
+    def test_roundTripRandom(self):
+        # Any local part an Address can hold prints to text that parses
+        # back to it: the spool keeps addresses as that text.
+        rng = random.Random(5322)
+        alphabet = [chr(c) for c in range(0x20, 0x7f)] + ["\u00e9", "\u7528", "\U0001f600"]
+        for _ in range(3000):
+            local = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 20)))
+            address = Address(local, "example.com")
+            self.assertEqual(parse_mailbox(str(address), utf8=True), address, local)
+            if local.isascii():
+                self.assertEqual(parse_mailbox(str(address)), address, local)
 
     def test_roundTripASCII(self):
         for local in ["user", "a b", 'q"uote', "a\\b", ".x", "x@y"]:
