@@ -2126,3 +2126,40 @@ class SessionStageTests(ServerTestCase):
         conn = self.connect()
         self.cmd(conn, "HELO c", 450, "4.7.1")
         self.assertIsNone(conn.proto.session.helo)
+
+
+class HeaderCaptureTests(ServerTestCase):
+
+    def headers_seen(self, pieces) -> list:
+        seen = []
+
+        @implementer(IDataFilter)
+        class Look:
+            def data(self, session, envelope, message):
+                seen.append(message.headers)
+
+        self.use_filters(Look())
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        for piece in pieces:
+            conn.send(piece)
+        conn.send(b".\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        return seen[0]
+
+    def test_headers_byte_by_byte(self) -> None:
+        message = b"Subject: one\r\nX-Two: 2\r\n\tfolded\r\n\r\nBody: not a header\r\n"
+        headers = self.headers_seen([bytes([b]) for b in message])
+        self.assertEqual(headers, (("Subject", "one"), ("X-Two", "2\tfolded")))
+
+    def test_empty_line_split_across_reads(self) -> None:
+        for cut in range(1, 4):
+            message = b"Subject: one\r\n\r\nBody: no\r\n"
+            at = message.index(b"\r\n\r\n") + cut
+            self.ctx = self.context()
+            headers = self.headers_seen([message[:at], message[at:]])
+            self.assertEqual(headers, (("Subject", "one"),), cut)
+
+    def test_no_header(self) -> None:
+        self.assertEqual(self.headers_seen([b"\r\nBody: no\r\n"]), ())

@@ -789,8 +789,12 @@ class ESMTPServer(Protocol):
 
     @staticmethod
     def _capture_head(txn: Transaction, chunk: bytes) -> None:
+        """Keep the header block (to the empty line, bounded) for the data filters."""
         head = txn.head + chunk[:HEADER_CAPTURE_LIMIT]
-        end = head.find(b"\r\n\r\n")
+        # Only the new bytes (and three before them, for an empty line
+        # split between pieces) can hold the end: a client sending its
+        # header a byte at a time must not make this quadratic.
+        end = head.find(b"\r\n\r\n", max(len(txn.head) - 3, 0))
         if end >= 0 or head.startswith(b"\r\n"):
             txn.head = head[: end + 2] if end >= 0 else b""
             txn.head_done = True
