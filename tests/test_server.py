@@ -1489,6 +1489,17 @@ class BdatTests(ServerTestCase):
         [entry] = self.ctx.entries
         self.assertEqual(self.received_body(entry), b"")
 
+    def test_bdat_0_then_more_commands(self) -> None:
+        """After an empty chunk, what follows in the same read is commands."""
+        conn = self.ready()
+        self.envelope(conn)
+        conn.send(b"BDAT 0\r\nBDAT 3\r\nabcBDAT 0\r\nBDAT 2 LAST\r\nde"
+                  b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+                  b"BDAT 0 LAST\r\nNOOP\r\nQUIT\r\n")
+        self.assertReplies(conn.take(), [(250, "2.0.0")] * 4 + [(250, "2.1.0"), (250, "2.1.5"),
+                                         (250, "2.0.0"), (250, "2.0.0"), (221, "2.0.0")])
+        self.assertEqual([self.received_body(e) for e in self.ctx.entries], [b"abcde", b""])
+
     def test_bdat_last_lower_case(self) -> None:
         conn = self.ready()
         self.envelope(conn)

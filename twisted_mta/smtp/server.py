@@ -751,11 +751,13 @@ class ESMTPServer(Protocol):
                 txn.failed = refusal
         # The chunk is read whatever the answer (RFC 3030 2): its bytes
         # must never be taken for commands.
-        self._reader = ChunkReader(size)
         self._chunk_last = last
         self._chunk_refusal = refusal
-        if self._reader.done:
+        reader = ChunkReader(size)
+        if reader.done:  # BDAT 0: nothing to read, what follows is commands
             self._end_chunk()
+        else:
+            self._reader = reader
         return None
 
     # --- the body -----------------------------------------------------------
