@@ -423,6 +423,24 @@ class EnvelopeTests(ServerTestCase):
         [entry] = self.ctx.entries
         self.assertEqual([r.address for r in entry.recipients], ["postmaster@example.test"])
 
+    def test_postmaster_without_local_domains(self) -> None:
+        """A relay-only server (no local domains) still takes <Postmaster>."""
+        self.ctx = self.context(relay={"local_domains": []})
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<Postmaster>", 250, "2.1.5")
+        self.assertEqual([str(r) for r in conn.proto.txn.envelope.recipients],
+                         ["postmaster@mx.example.test"])
+
+    def test_postmaster_filtered(self) -> None:
+        """Filters are still asked about <Postmaster>, canonicalised."""
+        judge = Judge(rcpt=Verdict.tempfail())
+        self.use_filters(judge)
+        conn = self.ready(UNTRUSTED_IP)
+        self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
+        self.cmd(conn, "RCPT TO:<Postmaster>", 450, "4.7.1")
+        self.assertIn("rcpt:postmaster@example.test", judge.seen)
+
     def test_postmaster_with_a_domain_is_ordinary(self) -> None:
         conn = self.ready(UNTRUSTED_IP)
         self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import interfaces as ti
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -639,8 +639,13 @@ class ESMTPServer(Protocol):
         if len(txn.envelope.recipients) >= self.config.limits.recipients:
             return R.TOO_MANY_RCPT
         if rcpt.domain is None:
+            # RFC 5321 4.5.1: <Postmaster> MUST be accepted.  It names this
+            # server's own postmaster, never a relay, so the relay rules
+            # are not asked (with no local domains they would refuse it).
             rcpt = self._postmaster()
-        d = txn.pipeline.check_relay(self.session, txn.envelope, rcpt)
+            d = succeed(Verdict.accept())
+        else:
+            d = txn.pipeline.check_relay(self.session, txn.envelope, rcpt)
 
         def relay_decided(verdict: Verdict):
             if verdict.refuses:
