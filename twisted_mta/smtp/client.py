@@ -705,6 +705,8 @@ class Session:
         self.tls = False
         self.authenticated = False
         self.transactions = 0
+        self.remote: str | None = peer  # for outcomes; the agent may say more (the port)
+        self.opened_at = 0.0  # when the connection was made (the agent's clock)
         self._answered = False
         self._reset: defer.Deferred | None = None
 
