@@ -346,7 +346,7 @@ class GreetingTests(ServerTestCase):
         self.assertTrue(conn.closed)
         self.assertNotIn("MAIL", conn.proto.counts)
 
-    def test_quit_aborts_transaction(self) -> None:
+    def test_connection_lost_aborts_transaction(self) -> None:
         conn = self.ready()
         self.envelope(conn)
         self.cmd(conn, "DATA", 354)
@@ -1321,8 +1321,7 @@ class DataTests(ServerTestCase):
 
     def test_dot_unstuffing(self) -> None:
         conn = self.ready()
-        body = (b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n.\r\n"[:-3]
-                + b"a line.\r\n. \r\n..\r\n")
+        body = b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\na line.\r\n. \r\n..\r\n"
         self.send_message(conn, body)
         [entry] = self.ctx.entries
         self.assertEqual(self.received_body(entry),
@@ -1456,7 +1455,7 @@ class DataTests(ServerTestCase):
                                          (554, "5.5.0")])
         self.assertTrue(conn.closed)
         self.assertEqual(self.ctx.entries, [])
-        self.assertNotIn("RCPT", {k for k, v in conn.proto.counts.items() if v > 1})
+        self.assertEqual(conn.proto.counts, {"EHLO": 1, "MAIL": 1, "RCPT": 1, "DATA": 1})
 
     def test_refused_data_without_transaction_ends_pipelining(self) -> None:
         conn = self.ready()
@@ -1772,7 +1771,7 @@ class SmugglingTests(ServerTestCase):
 
     def test_clean_message_in_reject_mode(self) -> None:
         conn = self.ready()
-        reply = self.send_message(conn, b"Subject: ok\r\n\r\nline\r\n.\r\n"[:-3])
+        reply = self.send_message(conn, b"Subject: ok\r\n\r\nline\r\n")
         self.assertIsReply(reply, 250, "2.0.0")
 
     def test_bare_cr_at_the_end(self) -> None:
