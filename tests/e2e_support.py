@@ -284,24 +284,34 @@ class ServerProcess:
     C{twistd.out}.  Use L{start}, then L{stop} (SIGTERM) or L{kill} (-9).
     """
 
-    def __init__(self, site: Site, args=()):
+    def __init__(self, site: Site, args=(), python: str | None = None, source_tree: bool = True):
+        """
+        @param python: the interpreter to run twistd with (default: this one).
+        @param source_tree: put the repository on the child's PYTHONPATH
+            (needed with the editable install; not for an installed package).
+        """
         self.site = site
         self.args = list(args)
+        self.python = python or sys.executable
+        self.source_tree = source_tree
         self.proc: subprocess.Popen | None = None
         self.out_path = site.folder / "twistd.out"
 
     @staticmethod
-    def environment() -> dict:
+    def environment(source_tree: bool = True) -> dict:
         env = dict(os.environ)
+        env.pop("PYTHONWARNINGS", None)
+        if not source_tree:
+            env.pop("PYTHONPATH", None)
+            return env
         # The twisted/plugins dropin of an editable install is only found
         # from the source tree.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        env.pop("PYTHONWARNINGS", None)
         return env
 
     def command(self) -> list[str]:
-        return [sys.executable, "-c", _TWISTD, "-n",
+        return [self.python, "-c", _TWISTD, "-n",
                 f"--pidfile={self.site.pid_path}", f"--logfile={self.site.log_path}",
                 "mta", "--config", str(self.site.config_path), *self.args]
 
@@ -310,7 +320,8 @@ class ServerProcess:
         with open(self.out_path, "ab") as out:
             self.proc = subprocess.Popen(self.command(), cwd=self.site.folder,
                                          stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, env=self.environment())
+                                         stderr=subprocess.STDOUT,
+                                         env=self.environment(self.source_tree))
         if wait:
             self.wait_listening()
         return self
