@@ -96,6 +96,7 @@ class AgentTestCase(unittest.TestCase):
     def make_agent(self):
         agent = SMTPAgent(self.spool, self.resolver, lambda: self.config, reactor)
         self.addCleanup(agent.stop)
+        self.addCleanup(lambda: self.assertEqual(agent.busy, 0, "a session was not given back"))
         return agent
 
     def sink(self, interface="127.0.0.1", **kw) -> tuple[SinkFactory, int]:
@@ -514,3 +515,82 @@ class NeverFailsTests(AgentTestCase):
         self.assertEqual(o.status, DEFERRED)
         self.assertIn("cannot read the queued message", o.reply)
         self.assertEqual(sink.messages, [])
+
+
+class LimitTests(AgentTestCase):
+    async def test_idle_connections_make_room_under_max_connections(self):
+        self.config = make_config(self.folder, delivery={"max_connections": 2, "max_per_destination": 2})
+        sink, port = self.sink()
+        route = Route(via="mx", port=port, tls="none")
+        for domain in ("one.test", "two.test", "three.test"):
+            self.resolver.mx[domain] = [Hop(f"mx.{domain}", "127.0.0.1", None)]
+            [o] = await self.deliver(await self.queue(f"a@{domain}"), route)
+            self.assertEqual(o.status, DELIVERED)
+            self.assertEqual(self.agent.busy, 0)
+            self.assertLessEqual(self.agent.idle_count(), 2)
+        self.assertEqual(self.agent.idle_count(SMTPAgent._key(route, "one.test")), 0)
+        self.assertEqual(self.agent.idle_count(SMTPAgent._key(route, "two.test")), 1)
+        self.assertEqual(self.agent.idle_count(SMTPAgent._key(route, "three.test")), 1)
+
+    async def test_idle_per_destination_cap(self):
+        self.config = make_config(self.folder, delivery={"max_per_destination": 2})
+        sink, port = self.sink()
+        route = self.smarthost(port, tls="none")
+        entries = [await self.queue(f"r{i}@remote.test") for i in range(3)]
+        # More at once than the cap (the manager would not do this): the surplus is closed.
+        await defer.gatherResults([defer.ensureDeferred(self.deliver(e, route)) for e in entries])
+        self.assertEqual(self.agent.idle_count(), 2)
+        self.assertEqual(self.agent.busy, 0)
+
+
+class TimeoutTests(unittest.TestCase):
+    """Connect and greeting timeouts, on a memory reactor with a fake clock."""
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir()
+        self.reactor = MemoryReactorClock()
+        self.config = make_config(self.folder, delivery={"connect_timeout": 30, "greeting_timeout": 300})
+        self.spool = Spool(self.folder / "spool", self.reactor, inline=True)
+        self.spool.prepare()
+        self.resolver = FakeResolver(mx={"remote.test": [Hop("mx1.remote.test", "192.0.2.1", None, 10),
+                                                         Hop("mx2.remote.test", "2001:db8::2", None, 20)]})
+        self.agent = SMTPAgent(self.spool, self.resolver, lambda: self.config, self.reactor,
+                               threadpool=object())
+        incoming = self.spool.new_message()
+        incoming.write(MESSAGE)
+        self.entry = QueueEntry(id=incoming.id, sender="s@example.test",
+                                recipients=[RecipientState("a@remote.test")], arrival=0.0,
+                                size=incoming.size)
+        self.successResultOf(self.spool.commit(incoming, self.entry))
+
+    def test_connect_timeout_then_next_hop_then_greeting_timeout(self):
+        from twisted.internet.testing import StringTransport
+        d = self.agent.deliver(self.entry, Route(via="mx", port=25, tls="none"), self.entry.recipients)
+        [(host, port, factory, timeout, _)] = self.reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("192.0.2.1", 25, 30))
+        self.reactor.advance(30)
+        # The second hop, over IPv6.
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        host, port, factory, _, _ = self.reactor.tcpClients[1]
+        self.assertEqual(host, "2001:db8::2")
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.reactor.advance(299)
+        self.assertNoResult(d)
+        self.reactor.advance(1)
+        [o] = self.successResultOf(d)
+        self.assertEqual(o.status, DEFERRED)
+        self.assertEqual(o.reply, "451 4.4.2 conversation with mx2.remote.test[2001:db8::2] timed out "
+                                  "while receiving the initial server greeting")
+        self.assertEqual(o.remote, "mx2.remote.test[2001:db8::2]:25")
+        self.assertEqual(self.agent.busy, 0)
+
+    def test_connect_timeout_text(self):
+        self.resolver.mx["remote.test"] = [Hop("mx1.remote.test", "192.0.2.1", None, 10)]
+        d = self.agent.deliver(self.entry, Route(via="mx", port=25, tls="none"), self.entry.recipients)
+        self.reactor.advance(30)
+        [o] = self.successResultOf(d)
+        self.assertEqual(o.reply, "451 4.4.1 connect to mx1.remote.test[192.0.2.1]:25: Connection timed out")

@@ -56,6 +56,6 @@ class LMTPAgent(PooledAgent):
         try:
             await session.open()
         except HopError:
-            session.quit()
+            self._release(session)
             raise
         return session

@@ -108,7 +108,8 @@ def connect_error(peer: str, port: int | None, e: BaseException) -> str:
     """Postfix-like text for a failed connection attempt."""
     if isinstance(e, ierror.ConnectionRefusedError):
         why = "Connection refused"
-    elif isinstance(e, (ierror.TimeoutError, defer.TimeoutError, defer.CancelledError, TimeoutError)):
+    elif isinstance(e, (ierror.TimeoutError, ierror.ConnectingCancelledError, defer.TimeoutError,
+                        defer.CancelledError, TimeoutError)):
         why = "Connection timed out"
     elif isinstance(e, ierror.NoRouteError):
         why = "No route to host"
@@ -118,10 +119,11 @@ def connect_error(peer: str, port: int | None, e: BaseException) -> str:
     return f"451 4.4.1 connect to {where}: {why}"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Idle:
     session: Session
     timer: object = None
+    since: float = 0.0
 
 
 class PooledAgent:
@@ -144,6 +146,7 @@ class PooledAgent:
         self._idle: dict[tuple, list[_Idle]] = {}
         self._stopped = False
         self.connections_made = 0
+        self.busy = 0  # sessions in use by a delivery (connecting, or in a transaction)
 
     # --- the agent ----------------------------------------------------------
 
@@ -190,12 +193,31 @@ class PooledAgent:
             if not items:
                 self._idle.pop(key, None)
             if item.session.usable:
+                self.busy += 1
                 return item.session
             item.session.abort()
         return None
 
+    def _make_room(self) -> None:
+        """
+        Before a new connection: close the oldest idle connections (to other
+        next hops) while the connections in use and idle would otherwise
+        exceed C{max_connections}.
+        """
+        limit = self.config().delivery.max_connections
+        while self._idle and self.busy + self.idle_count() >= limit:
+            oldest_key, oldest = None, None
+            for key, items in self._idle.items():
+                if items and (oldest is None or items[0].since < oldest.since):
+                    oldest_key, oldest = key, items[0]
+            if oldest is None:
+                break
+            self._drop(oldest_key, oldest)
+            oldest.session.quit()
+
     def _keep(self, key, session: Session) -> None:
         """Keep C{session} for the next delivery to C{key}, or say QUIT."""
+        self.busy -= 1
         limit = self.config().delivery.max_per_destination
         items = self._idle.setdefault(key, [])
         if (self._stopped or not session.usable or session.transactions >= self.reuse_limit
@@ -206,7 +228,7 @@ class PooledAgent:
             session.quit()
             return
         session.reset()
-        item = _Idle(session)
+        item = _Idle(session, since=self.reactor.seconds())
         item.timer = self.reactor.callLater(self.idle_timeout, self._expire, key, item)
         items.append(item)
         session.protocol.lost.addCallback(lambda _: self._drop(key, item))
@@ -243,11 +265,18 @@ class PooledAgent:
             try:
                 results = await self._send(session, entry, addresses)
             except StaleConnection:
+                self.busy -= 1
                 session.abort()
                 continue
             return results, session
 
     async def _connect(self, endpoint, timeouts: Timeouts, peer: str, port: int | None) -> ClientProtocol:
+        """
+        Connect (within the connect timeout); the caller owns a busy slot
+        from now on and gives it back with L{_keep} or L{_release}, which
+        C{_open} does when the session cannot be opened.
+        """
+        self._make_room()
         protocol = ClientProtocol(self.reactor, timeouts.greeting)
         d = connectProtocol(endpoint, protocol)
         d.addTimeout(timeouts.connect, self.reactor)
@@ -256,7 +285,13 @@ class PooledAgent:
         except Exception as e:
             raise HopError(connect_error(peer, port, e))
         self.connections_made += 1
+        self.busy += 1
         return protocol
+
+    def _release(self, session: Session) -> None:
+        """A session that will not be kept: QUIT, and give back its busy slot."""
+        self.busy -= 1
+        session.quit()
 
 
 @implementer(IDeliveryAgent)
@@ -359,7 +394,7 @@ class SMTPAgent(PooledAgent):
             try:
                 await session.open(tls, options, credentials, verify=(tls == "verify"))
             except HopError as e:
-                session.quit()
+                self._release(session)
                 if e.tls_failed and tls == "opportunistic":
                     log.info("{peer}: {reply}; trying again without TLS", peer=peer, reply=e.reply)
                     tls = "none"
