@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 

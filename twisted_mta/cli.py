@@ -69,6 +69,8 @@ def remote(cfg, command, **kwargs) -> dict:
     result = outcome[0]
     if isinstance(result, dict):
         return result
+    if result.check(control.ReloadRefused):
+        raise CommandError(f"reload refused: {result.value}")
     if result.check(control.NotRunning):
         raise _NotRunning(f"the server is not running ({result.value})")
     if result.check(control.ControlError):
@@ -244,13 +246,7 @@ def cmd_queue_release(args) -> int:
 def cmd_reload(args) -> int:
     from twisted_mta import control
 
-    cfg = configmod.load(args.config)
-    try:
-        generation = remote(cfg, control.Reload)["generation"]
-    except _NotRunning:
-        raise
-    except CommandError as e:
-        raise CommandError(f"reload refused: {e}")
+    generation = remote(configmod.load(args.config), control.Reload)["generation"]
     print(f"reloaded: generation {generation}")
     return 0
 

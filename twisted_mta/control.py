@@ -49,6 +49,10 @@ class ControlError(Exception):
     """A control command failed; C{str()} is one line saying why."""
 
 
+class ReloadRefused(ControlError):
+    """The server refused to reload; C{str()} is its one-line reason."""
+
+
 class BigText(amp.Argument):
     """
     Text of any length: UTF-8, cut into values of at most
@@ -115,11 +119,12 @@ class QueueRelease(_Command):
     response: list = []
 
 
-class Reload(_Command):
+class Reload(amp.Command):  # not a _Command: AMP tries base classes' errors first
     """Reload the configuration and plugins; answers the new generation number."""
 
     arguments: list = []
     response = [(b"generation", amp.Integer())]
+    errors = {ReloadRefused: b"RELOAD_REFUSED", ControlError: b"CONTROL_ERROR"}
 
 
 class Plugins(_Command):
@@ -318,7 +323,7 @@ class ControlProtocol(amp.AMP):
         d = defer.maybeDeferred(self.mta.reload)
 
         def failed(f):
-            raise ControlError(_one_line(f.value))
+            raise ReloadRefused(_one_line(f.value))
 
         return d.addCallbacks(lambda generation: {"generation": int(generation)}, failed)
 
