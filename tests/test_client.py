@@ -385,11 +385,13 @@ class SessionTests(unittest.TestCase):
         self.result(h.open())
         d = h.send(rcpts=["a@x.test", "b@x.test"])
         h.reply(b"250 ok\r\n421 4.3.2 shutting down\r\n")
+        self.assertTrue(h.transport.disconnecting)  # we close too
         h.lose(ConnectionDone())
         a, b = self.result(d)
         self.assertEqual(a, client.Result(DEFERRED, "421 4.3.2 shutting down"))
         self.assertEqual(b.status, DEFERRED)
         self.assertIn("lost connection with %s while sending RCPT TO" % PEER, b.reply)
+        self.assertFalse(h.session.usable)
 
     def test_connection_lost_after_data_defers_accepted_only(self):
         h = Harness()
@@ -480,6 +482,23 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(u.status, FAILED)
         self.assertTrue(u.reply.startswith(f"550 5.6.7 host {PEER} does not support SMTPUTF8"), u.reply)
         self.assertEqual(a.status, DELIVERED)
+
+    def test_idn_domain_goes_as_alabels_without_smtputf8(self):
+        h = Harness()
+        self.result(h.open(ehlo=b"250-mx\r\n250 PIPELINING\r\n"))
+        d = h.send(sender="s@b\u00fccher.test", rcpts=["a@m\u00fcller.test", "\u00fc@x.test"])
+        self.assertEqual(h.sent(), b"MAIL FROM:<s@xn--bcher-kva.test>\r\nRCPT TO:<a@xn--mller-kva.test>\r\n"
+                                   b"DATA\r\n")
+        h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        h.reply(b"250 ok\r\n")
+        a, u = self.result(d)
+        self.assertEqual((a.status, u.status), (DELIVERED, FAILED))
+
+    def test_ascii_address(self):
+        self.assertEqual(client.ascii_address("a@b.test"), "a@b.test")
+        self.assertEqual(client.ascii_address("a@B\u00fccher.test"), "a@xn--bcher-kva.test")
+        self.assertIsNone(client.ascii_address("\u00fc@b.test"))
+        self.assertEqual(client.ascii_address(""), "")
 
     def test_smtputf8_refused_sender_fails_all(self):
         h = Harness()
@@ -735,7 +754,7 @@ class TLSPolicyTests(unittest.TestCase):
         self.assertIn("TLS is required, but host", e.reply)
 
     def test_verify_failure(self):
-        h, d, _ = self.start("verify", verify=True)
+        h, d, _ = self.start("verify")
         h.reply(b"220 go ahead\r\n")
         h.lose(ValueError("hostname 'wrong.example.test' doesn't match 'mx.example.test'"))
         e = self.failureResultOf(d, HopError).value

@@ -254,9 +254,6 @@ class SmartHostTests(AgentTestCase):
         self.assertEqual(sink.messages[0].recipients, ["good@remote.test"])
 
     async def test_connection_refused_defers(self):
-        sink, port = self.sink()
-        route = self.smarthost(port, tls="none")
-        sink_port = port
         self.resolver.hosts["localhost"] = [Hop("localhost", "127.0.0.1", None)]
         route = Route(via="smtp", host="localhost", port=closed_port(), tls="none")
         entry = await self.queue("a@remote.test")
@@ -264,7 +261,6 @@ class SmartHostTests(AgentTestCase):
         self.assertEqual(o.status, DEFERRED)
         self.assertIn("Connection refused", o.reply)
         self.assertTrue(o.reply.startswith("451 4.4.1 connect to localhost[127.0.0.1]:"), o.reply)
-        del sink_port
 
     async def test_smart_host_dns_failure_defers(self):
         self.resolver.hosts["gone.test"] = DNSError("550 5.1.2 Host or domain name not found", True)

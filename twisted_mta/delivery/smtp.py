@@ -392,7 +392,7 @@ class SMTPAgent(PooledAgent):
             session.opened_at = self.reactor.seconds()
             session.remote = f"{peer}:{hop.port}"
             try:
-                await session.open(tls, options, credentials, verify=(tls == "verify"))
+                await session.open(tls, options, credentials)
             except HopError as e:
                 self._release(session)
                 if e.tls_failed and tls == "opportunistic":

@@ -261,6 +261,29 @@ def needs_smtputf8(address: str) -> bool:
     return not address.isascii()
 
 
+def ascii_address(address: str) -> str | None:
+    """
+    C{address} as it may be sent without SMTPUTF8: as it is when ASCII;
+    with its domain in A-labels (IDNA, C{xn--...}) when only the domain is
+    not ASCII; C{None} when the local part is not ASCII (or the domain is
+    no valid IDN).
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        import idna
+        alabels = idna.encode(domain, uts46=True).decode("ascii")
+    except Exception:
+        try:
+            alabels = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return f"{local}@{alabels}"
+
+
 def mail_command(sender: str, extensions: Extensions, size: int | None = None,
                  body: str = "7BIT", smtputf8: bool = False) -> bytes:
     """
@@ -414,6 +437,7 @@ class ClientProtocol(Protocol):
         self.tls_started = False
         self.handshake_done = False
         self.unexpected: list[Reply] = []
+        self.closing = False  # a 421 was received
         self._parser = ReplyParser()
         self._waiting: deque[_Expected] = deque()
         self._timer = None
@@ -436,6 +460,10 @@ class ClientProtocol(Protocol):
             self._break(ProtocolError(str(e), stage))
             return
         for reply in replies:
+            if reply.code == 421:
+                # The server is closing the connection (RFC 5321 3.8): this
+                # reply answers its command; what follows fails as lost.
+                self.closing = True
             if self._waiting:
                 expected = self._waiting.popleft()
                 self._rearm()
@@ -446,6 +474,8 @@ class ClientProtocol(Protocol):
                 self.unexpected.append(reply)
                 if self.transport is not None:
                     self.transport.loseConnection()
+        if self.closing and not self.closed and self.transport is not None:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
         self.closed = True
@@ -485,7 +515,7 @@ class ClientProtocol(Protocol):
 
     @property
     def usable(self) -> bool:
-        return not self.closed and self._broken is None and not self.unexpected
+        return not (self.closed or self.closing or self._broken is not None or self.unexpected)
 
     def expect(self, timeout: float, stage: str) -> defer.Deferred:
         """A Deferred for the next reply not yet asked for, within C{timeout} seconds of its turn."""
@@ -734,8 +764,8 @@ class Session:
 
     # --- opening ------------------------------------------------------------
 
-    async def open(self, tls: str = "none", tls_options=None, credentials: Credentials | None = None,
-                   verify: bool = False) -> Extensions:
+    async def open(self, tls: str = "none", tls_options=None,
+                   credentials: Credentials | None = None) -> Extensions:
         """
         The greeting, EHLO (HELO after a 5xx to EHLO; LHLO for LMTP), then
         STARTTLS by the C{tls} policy and AUTH with C{credentials}.
@@ -763,7 +793,7 @@ class Session:
             raise self._refused(greeting, "refused to talk to me")
         self.extensions = await self._hello()
         if tls != "none" and not self.lmtp:
-            await self._starttls(tls, tls_options, verify)
+            await self._starttls(tls, tls_options)
         if credentials is not None:
             await self._authenticate(credentials)
         return self.extensions
@@ -785,7 +815,7 @@ class Session:
             raise self._refused(reply, "refused HELO")
         return Extensions(False, {})
 
-    async def _starttls(self, tls: str, options, verify: bool) -> None:
+    async def _starttls(self, tls: str, options) -> None:
         if not self.extensions.starttls:
             if tls == "opportunistic":
                 return
@@ -809,7 +839,7 @@ class Session:
             reason = self.protocol.reason
             if reason is not None:
                 why = _tls_reason(reason)
-            if verify:
+            if tls == "verify":
                 text = f"451 4.7.5 Server certificate not verified: host {self.peer}: {why}"
             else:
                 text = f"451 4.7.5 TLS handshake with host {self.peer} failed: {why}"
@@ -856,9 +886,12 @@ class Session:
         connection).
 
         Before MAIL: a message larger than the server's SIZE fails (552
-        5.3.4, as Postfix); a sender or recipient that needs SMTPUTF8
-        (non-ASCII) fails (550 5.6.7) when the server lacks SMTPUTF8 -- all
-        recipients for such a sender, else only those recipients.  An
+        5.3.4, as Postfix); when the server lacks SMTPUTF8, a sender or
+        recipient with a non-ASCII local part fails (550 5.6.7) -- all
+        recipients for such a sender, else only those recipients -- and
+        one with only a non-ASCII domain is sent with the domain in
+        A-labels (L{ascii_address}); the SMTPUTF8 parameter is sent when
+        the server offers it and the message or an address needs it.  An
         8BITMIME body sent to a server without 8BITMIME goes as it is,
         without BODY= (Postfix does the same unless told to convert).
         """
@@ -880,12 +913,20 @@ class Session:
                 raise StaleConnection()
             utf8 = smtputf8 or needs_smtputf8(sender) or any(needs_smtputf8(r) for r in recipients)
             if utf8 and not ext.smtputf8:
-                text = (f"550 5.6.7 host {self.peer} does not support SMTPUTF8, which this "
-                        f"message needs")
-                for i, r in enumerate(recipients):
-                    if needs_smtputf8(sender) or needs_smtputf8(r):
-                        results[i] = Result(FAILED, text + (" for its sender" if needs_smtputf8(sender)
-                                                            else " for this recipient"))
+                # Without SMTPUTF8, an address whose only non-ASCII part is
+                # the domain goes with the domain in A-labels; any other
+                # non-ASCII address cannot be sent.
+                text = f"550 5.6.7 host {self.peer} does not support SMTPUTF8, which this message needs"
+                ascii_sender = ascii_address(sender)
+                converted = [ascii_address(r) for r in recipients]
+                for i, r in enumerate(converted):
+                    if ascii_sender is None:
+                        results[i] = Result(FAILED, text + " for its sender")
+                    elif r is None:
+                        results[i] = Result(FAILED, text + " for this recipient")
+                if ascii_sender is not None:
+                    sender = ascii_sender
+                    recipients = [r if r is not None else recipients[i] for i, r in enumerate(converted)]
             limit = ext.size
             if size is not None and limit is not None and size > limit:
                 text = (f"552 5.3.4 message size {size} exceeds size limit {limit} of server {self.peer}")
