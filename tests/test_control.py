@@ -451,6 +451,29 @@ class ServiceTests(unittest.TestCase):
         svc = self.start(self.cfg())
         self.assertEqual(svc.port.getHost().name, str(path).encode())
 
+    def test_path_too_long_is_logged_not_fatal(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        long_path = self.folder / ("d" * 120) / "control.sock"
+        svc = self.start(self.cfg(f'control = "unix:{long_path}"'))
+        self.assertIsNone(svc.port)
+        [event] = [e for e in events if e.get("log_namespace") == "twisted_mta.control"]
+        self.assertIn("longer than a UNIX socket allows", event["log_format"])
+
+    def test_listen_failure_is_logged_not_fatal(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        svc = self.start(self.cfg('control = "unix:no/such/folder/control.sock"'))
+        self.assertIsNone(svc.port)
+        [event] = [e for e in events if e.get("log_namespace") == "twisted_mta.control"]
+        self.assertIn("No such file or directory", event["why"])
+
     def test_refuses_a_file_that_is_not_a_socket(self):
         path = self.folder / "spool" / "control.sock"
         path.parent.mkdir()
@@ -507,5 +530,17 @@ class ClientTests(unittest.TestCase):
             yield self.call()
         except control.NotRunning as e:
             self.assertTrue(str(e).endswith("connection refused"), str(e))
+        else:
+            self.fail("no NotRunning")
+
+    @defer.inlineCallbacks
+    def test_path_too_long(self):
+        long_path = self.folder / ("d" * 120) / "control.sock"
+        self.cfg = configmod.load(write_config(self.folder, f'control = "unix:{long_path}"'))
+        try:
+            yield self.call()
+        except control.NotRunning as e:
+            self.assertEqual(str(e), f"control socket {long_path}: "
+                                     "the path is too long for a UNIX socket")
         else:
             self.fail("no NotRunning")

@@ -41,6 +41,9 @@ _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 CONNECT_TIMEOUT = 5
 CALL_TIMEOUT = 120
 
+#: The longest path a UNIX socket can have on Linux (sun_path is 108 bytes with the NUL).
+_MAX_UNIX_PATH = 107
+
 
 # --- the wire ---------------------------------------------------------------
 
@@ -511,6 +514,12 @@ class ControlService(service.Service):
         if self.address is None:
             self.prepare()
         super().startService()
+        if self.address.kind == "unix" and len(os.fsencode(self.address.path)) > _MAX_UNIX_PATH:
+            log.error("control: cannot listen on {address}: the path is longer than a UNIX "
+                      "socket allows ({n} bytes); set `control` to a shorter path; "
+                      "twisted-mta reload and queue commands will not reach this server",
+                      address=str(self.address), n=_MAX_UNIX_PATH)
+            return
         endpoint = self.address.server_endpoint(self.reactor)
         d = endpoint.listen(ControlFactory(self.mta))
         d.addCallbacks(self._listening, self._failed)
@@ -523,8 +532,10 @@ class ControlService(service.Service):
         log.info("control: listening on {address}", address=str(self.address))
 
     def _failed(self, failure) -> None:
-        log.failure("control: cannot listen on {address}; twisted-mta reload and queue "
-                    "commands will not reach this server", failure, address=str(self.address))
+        # An error, not a crash: the MTA runs on without its admin channel.
+        log.error("control: cannot listen on {address}: {why}; twisted-mta reload and queue "
+                  "commands will not reach this server",
+                  address=str(self.address), why=_one_line(failure.value))
 
     def stopService(self):
         super().stopService()
@@ -547,6 +558,9 @@ async def call(reactor, address: ControlAddress, command, **kwargs) -> dict:
     answer.  Raises L{NotRunning} when nothing listens there, and
     L{ControlError} when the command failed.
     """
+    if address.kind == "unix" and len(os.fsencode(address.path)) > _MAX_UNIX_PATH:
+        # No server can listen there (and Twisted's connect would only time out).
+        raise NotRunning(f"{address}: the path is too long for a UNIX socket")
     endpoint = address.client_endpoint(reactor)
     try:
         proto = await endpoints.connectProtocol(endpoint, amp.AMP())
