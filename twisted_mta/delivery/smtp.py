@@ -133,7 +133,7 @@ class PooledAgent:
     """
 
     idle_timeout = 5.0
-    reuse_limit = 100
+    reuse_limit = 1000
     reuse_time_limit = 300.0
 
     def __init__(self, spool, config, reactor=None, threadpool=None):
