@@ -231,7 +231,11 @@ class PooledAgent:
         item = _Idle(session, since=self.reactor.seconds())
         item.timer = self.reactor.callLater(self.idle_timeout, self._expire, key, item)
         items.append(item)
-        session.protocol.lost.addCallback(lambda _: self._drop(key, item))
+        if getattr(session, "_pool_item", None) is None:
+            # One watcher per connection: whichever idle entry it has when it is lost goes.
+            session.protocol.lost.addCallback(lambda _: self._drop(*session._pool_item)
+                                              if session._pool_item else None)
+        session._pool_item = (key, item)
 
     def _drop(self, key, item: _Idle) -> None:
         items = self._idle.get(key)
