@@ -190,7 +190,8 @@ class Site:
     PKI, the spool and the Maildirs, all inside it.
 
     @param listeners: C{{name: tls mode}}; each gets a free port on C{host}
-        (see L{port}).
+        (see L{port}), or with C{fixed_ports=False} port 0, the kernel's
+        choice, which L{start_in_process} reads back from the service.
     @param networks: C{[relay] networks}; the default leaves loopback out,
         so relaying from the tests is denied.
     @param relay_route: if given, a C{(host, port)} to route every
@@ -202,13 +203,13 @@ class Site:
                  hostname: str = HOSTNAME, local_domains=(LOCAL_DOMAIN,),
                  networks=("192.0.2.0/24",), relay_route=None, tls: bool = True,
                  limits: dict | None = None, delivery: dict | None = None,
-                 extra: str = ""):
+                 extra: str = "", fixed_ports: bool = True):
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.hostname = hostname
         self.listeners = dict(listeners or {"smtp": "starttls"})
-        self.ports = {name: free_port(host) for name in self.listeners}
+        self.ports = {name: free_port(host) if fixed_ports else 0 for name in self.listeners}
         self.pki = write_pki(self.folder, hostname) if tls else None
         parts = [toml_table("", {"hostname": hostname, "spool": "spool"}).lstrip("\n")]
         if self.pki:
@@ -410,6 +411,14 @@ def start_in_process(testcase, site: Site):
     mta.prepare()
     mta.startService()
     testcase.addCleanup(stop_in_process, mta)
+    # TCP endpoints listen at once, in the order of the [[listen]] tables.
+    if len(mta.ports) != len(site.ports):
+        raise AssertionError(f"listening on {len(mta.ports)} of {len(site.ports)} endpoints")
+    for name, port in zip(site.ports, mta.ports):
+        actual = port.getHost().port
+        if site.ports[name] not in (0, actual):
+            raise AssertionError(f"{name}: listening on {actual}, not {site.ports[name]}")
+        site.ports[name] = actual
     return mta
 
 

@@ -46,7 +46,8 @@ class InProcessTestsMixin:
     """Helpers for tests against an in-process L{MTAService}."""
 
     def site(self, listeners=None, **kwargs) -> Site:
-        return Site(self.mktemp(), listeners, **kwargs)
+        """A site whose listeners are on port 0 (see L{start})."""
+        return Site(self.mktemp(), listeners, fixed_ports=False, **kwargs)
 
     def start(self, site: Site):
         return e2e.start_in_process(self, site)
