@@ -339,6 +339,8 @@ class ControlProtocol(amp.AMP):
 
 
 class ControlFactory(protocol.Factory):
+    noisy = False
+
     def __init__(self, mta):
         self.mta = mta
 
