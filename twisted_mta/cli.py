@@ -280,6 +280,19 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _users_passwd():
+    """C{twisted_mta.users.passwd}, once that module exists; else C{None}."""
+    try:
+        from twisted_mta import users
+    except ImportError:
+        return None
+    return getattr(users, "passwd", None)
+
+
+def cmd_passwd(args) -> int:
+    return _users_passwd()(args.config, args.name, args.stdin)
+
+
 # --- the command line -------------------------------------------------------------
 
 
@@ -303,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list the running server's plugins, in order, with their hooks")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plugins)
+
+    if _users_passwd() is not None:
+        p = sub.add_parser("passwd", parents=[common],
+                           help="set a user's password in the [auth] users file")
+        p.add_argument("name")
+        p.add_argument("--stdin", action="store_true",
+                       help="read the password from standard input, without asking")
+        p.set_defaults(func=cmd_passwd)
 
     queue = sub.add_parser("queue", parents=[common], help="look at and steer the mail queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True)
