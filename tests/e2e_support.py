@@ -544,3 +544,45 @@ def split_trace(stored: bytes) -> tuple[list[bytes], bytes]:
         fields.append(stored[pos:end])
         pos = end
     return fields, stored[pos:]
+
+
+class RawClient:
+    """
+    A blocking line-level SMTP client for what smtplib cannot do:
+    pipelining whole transactions in one write, BDAT, plaintext sent
+    behind STARTTLS.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 60):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, list[bytes]]:
+        """One reply: its code and its lines' texts (without code and CRLF)."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError(f"connection closed; got so far {lines!r}")
+            if not line.endswith(b"\r\n") or len(line) < 5 or line[3:4] not in (b" ", b"-"):
+                raise AssertionError(f"bad reply line {line!r}")
+            lines.append(line[4:-2])
+            if line[3:4] == b" ":
+                return int(line[:3]), lines
+
+    def replies(self, n: int) -> list[tuple[int, bytes]]:
+        """The next C{n} replies, each as (code, its last line)."""
+        return [(code, lines[-1]) for code, lines in (self.reply() for _ in range(n))]
+
+    def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """Wrap the socket in TLS now (after the server's 220)."""
+        self.file.close()
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        self.file = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()

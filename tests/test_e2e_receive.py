@@ -577,3 +577,185 @@ class SwaksTests(InProcessTestsMixin, unittest.TestCase):
         stored = yield self.delivered_one(site, BOB)
         self.assertIn(b"Message-ID: <swaks@client.example.net>", stored)
         self.assertIn(b"with ESMTPS id " + m.group(1).encode(), stored)
+
+
+class WireTests(InProcessTestsMixin, unittest.TestCase):
+    """What smtplib cannot show: pipelining, STARTTLS injection, BDAT, smuggling."""
+
+    def raw(self, site: Site, port_name: str = "smtp") -> e2e.RawClient:
+        client = e2e.RawClient(site.host, site.port(port_name))
+        self.addCleanup(client.close)
+        return client
+
+    @defer.inlineCallbacks
+    def test_pipelining_order(self):
+        """
+        Whole transactions in single writes (RFC 2920): the replies come in
+        command order, the "queued as" after the fsync of one message before
+        the replies to the next transaction's commands.
+        """
+        site = self.site({"smtp": "none"})
+        self.start(site)
+        body1 = e2e.message("pipe1@client.example.net")
+        body2 = e2e.message("pipe2@client.example.net", body=b"second\r\n")
+
+        def talk():
+            c = self.raw(site)
+            got = c.replies(1)
+            c.send(b"EHLO client.example.net\r\n")
+            code, lines = c.reply()
+            got.append((code, lines[-1]))
+            self.assertIn(b"PIPELINING", lines)
+            c.send(b"MAIL FROM:<alice@client.example.net>\r\nRCPT TO:<bob@example.test>\r\n"
+                   b"RCPT TO:<x@elsewhere.example.net>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
+            got += c.replies(5)
+            c.send(body1 + b".\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+            got += c.replies(4)
+            c.send(body2 + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+            got += c.replies(4)
+            return got
+
+        got = yield in_thread(talk)
+        self.assertEqual([code for code, _ in got], [220, 250, 250, 250, 554, 250, 354, 250, 250, 250, 354,
+                                 250, 250, 250, 221])
+        first, second = queue_id(got[7][1]), queue_id(got[11][1])
+        self.assertNotEqual(first, second)
+        yield wait_for(lambda: len(site.delivered(BOB)) == 2 and site.delivered(CAROL),
+                       "three deliveries")
+        stored = sorted(e2e.split_trace(p.read_bytes())[1] for p in site.delivered(BOB))
+        self.assertEqual(stored, sorted([body1, body2]))
+
+    @defer.inlineCallbacks
+    def test_starttls_injection(self):
+        """
+        CVE-2011-0411: a command sent in the clear in the same packet as
+        STARTTLS is discarded, never run inside the TLS session.
+        """
+        site = self.site({"smtp": "starttls"})
+        self.start(site)
+
+        def talk():
+            c = self.raw(site)
+            c.reply()
+            c.send(b"EHLO client.example.net\r\n")
+            c.reply()
+            c.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.example.net>\r\n")
+            started = c.reply()
+            c.starttls(site.client_context(), site.host)
+            c.send(b"EHLO client.example.net\r\n")
+            ehlo = c.reply()
+            c.send(b"RCPT TO:<bob@example.test>\r\n")
+            rcpt = c.reply()
+            c.send(b"QUIT\r\n")
+            return started, ehlo, rcpt, c.reply()
+
+        started, ehlo, rcpt, quit = yield in_thread(talk)
+        self.assertEqual(started[0], 220)
+        self.assertEqual(ehlo[0], 250)
+        self.assertNotIn(b"STARTTLS", ehlo[1])
+        # No MAIL was given inside TLS: the injected one did not count.
+        self.assertEqual(rcpt[0], 503, rcpt)
+        self.assertEqual(quit[0], 221)
+
+    @defer.inlineCallbacks
+    def test_bdat(self):
+        """
+        BDAT chunks (RFC 3030) are stored byte for byte, without
+        dot-unstuffing: a CRLF.CRLF inside a chunk is just data.
+        """
+        site = self.site({"smtp": "none"})
+        self.start(site)
+        msg = e2e.message("bdat@client.example.net",
+                          body=b"line one\r\n.\r\n..not stuffed\r\n\xc3\xa9\r\n")
+        cut = len(msg) // 2
+
+        def talk():
+            c = self.raw(site)
+            c.reply()
+            c.send(b"EHLO client.example.net\r\n")
+            self.assertIn(b"CHUNKING", c.reply()[1])
+            c.send(b"MAIL FROM:<alice@client.example.net> BODY=8BITMIME\r\n"
+                   b"RCPT TO:<bob@example.test>\r\n"
+                   + b"BDAT %d\r\n" % cut + msg[:cut]
+                   + b"BDAT %d LAST\r\n" % (len(msg) - cut) + msg[cut:] + b"QUIT\r\n")
+            return c.replies(5)
+
+        replies = yield in_thread(talk)
+        self.assertEqual([code for code, _ in replies], [250, 250, 250, 250, 221])
+        qid = queue_id(replies[3][1])
+        stored = yield self.delivered_one(site, BOB)
+        fields, rest = e2e.split_trace(stored)
+        self.assertEqual(rest, msg)
+        self.assertIn(b" id " + qid.encode(), fields[2])
+
+    @defer.inlineCallbacks
+    def test_smuggling_refused(self):
+        """
+        A bare-LF end of data followed by a smuggled transaction: the
+        message ends only at CRLF.CRLF, is refused (550 5.5.2, bare_newline
+        = "reject"), and the smuggled commands never run.
+        """
+        site = self.site({"smtp": "none"}, networks=["127.0.0.0/8"],
+                         relay_route=("127.0.0.1", e2e.free_port()))
+        self.start(site)
+
+        def talk():
+            c = self.raw(site)
+            c.reply()
+            c.send(b"EHLO client.example.net\r\n")
+            c.reply()
+            c.send(b"MAIL FROM:<alice@client.example.net>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+            first = c.replies(3)
+            c.send(b"Subject: innocent\r\n\r\nhello\n.\n"
+                   b"MAIL FROM:<admin@example.test>\r\nRCPT TO:<victim@elsewhere.example.net>\r\n"
+                   b"DATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n")
+            end = c.reply()
+            c.send(b"NOOP\r\nQUIT\r\n")
+            return first, end, c.replies(2)
+
+        first, end, after = yield in_thread(talk)
+        self.assertEqual([code for code, _ in first], [250, 250, 354])
+        self.assertEqual(end[0], 550)
+        self.assertTrue(end[1][-1].startswith(b"5.5.2 "), end)
+        self.assertEqual([code for code, _ in after], [250, 221])
+        self.assertEqual(site.queued_ids(), set())
+        self.assertEqual(site.all_delivered(), [])
+
+    @defer.inlineCallbacks
+    def test_size_limit(self):
+        """
+        SIZE from [limits]: advertised, a too big SIZE= is 552 5.3.4 at MAIL,
+        a message growing past it is 552 5.3.4 after DATA, and the session
+        goes on.
+        """
+        site = self.site({"smtp": "none"}, limits={"message_size": 2000})
+        self.start(site)
+
+        def talk():
+            client = smtplib.SMTP(site.host, site.port(), local_hostname="client.example.net",
+                                  timeout=60)
+            try:
+                client.ehlo()
+                size = client.esmtp_features["size"]
+                at_mail = client.mail(SENDER, ["SIZE=5000"])
+                client.rset()
+                client.mail(SENDER)
+                client.rcpt(BOB)
+                too_big = client.data(e2e.message("big@x", body=b"y" * 3000 + b"\r\n"))
+                client.mail(SENDER)
+                client.rcpt(BOB)
+                small = client.data(e2e.message("small@client.example.net"))
+                return size, at_mail, too_big, small
+            finally:
+                client.quit()
+
+        size, at_mail, too_big, small = yield in_thread(talk)
+        self.assertEqual(size, "2000")
+        self.assertEqual(at_mail[0], 552)
+        self.assertTrue(at_mail[1].startswith(b"5.3.4 "), at_mail)
+        self.assertEqual(too_big[0], 552)
+        self.assertTrue(too_big[1].startswith(b"5.3.4 "), too_big)
+        self.assertEqual(small[0], 250)
+        stored = yield self.delivered_one(site, BOB)
+        self.assertIn(b"<small@client.example.net>", stored)
+        self.assertEqual(len(site.delivered(BOB)), 1)
