@@ -81,7 +81,7 @@ class AgentTestCase(unittest.TestCase):
     def setUp(self):
         self.folder = Path(self.mktemp())
         self.folder.mkdir()
-        self.pki = make_pki(("localhost", "mx1.remote.test"))
+        self.pki = make_pki(("localhost", "mx1.remote.test", "mx2.remote.test"))
         (self.folder / "ca.pem").write_bytes(self.pki.ca_pem)
         (self.folder / "secret").write_text("s3cret pass\nignored\n")
         self.config = make_config(self.folder, delivery={
@@ -181,8 +181,9 @@ class SmartHostTests(AgentTestCase):
         entry = await self.queue("a@remote.test")
         [o] = await self.deliver(entry, route)
         self.assertEqual(o.status, DEFERRED)
-        self.assertTrue(o.reply.startswith("451 4.7.5 Server certificate not verified: host "
-                                           "wrong.example.test[127.0.0.1]"), o.reply)
+        self.assertEqual(o.reply, "451 4.7.5 Server certificate not verified: host "
+                                  "wrong.example.test[127.0.0.1]: certificate name does not match "
+                                  "wrong.example.test")
         self.assertEqual(sink.messages, [])
         self.assertEqual(sink.connections, 1)  # no plaintext fallback under verify
 
@@ -590,3 +591,68 @@ class TimeoutTests(unittest.TestCase):
         self.reactor.advance(30)
         [o] = self.successResultOf(d)
         self.assertEqual(o.reply, "451 4.4.1 connect to mx1.remote.test[192.0.2.1]:25: Connection timed out")
+
+
+class RealDNSTests(AgentTestCase):
+    """
+    MX routes end to end with the real resolver (twisted_mta.delivery.mx)
+    asking a DNS server on loopback (tests.dns_support), and sinks on
+    127.0.0.1 and ::1 on the same port.
+    """
+
+    def setUp(self):
+        super().setUp()
+        from tests.dns_support import DNSServer
+        from twisted_mta.delivery.mx import MXResolver
+
+        self.dns = DNSServer.started(self, {
+            "remote.test": {"MX": [(10, "mx1.remote.test"), (20, "mx2.remote.test")]},
+            "mx1.remote.test": {"AAAA": ["::1"]},
+            "mx2.remote.test": {"A": ["127.0.0.1"]},
+            "null.test": {"MX": [(0, ".")]},
+            "implicit.test": {"A": ["127.0.0.1"]},
+        }, servfail={"broken.test"})
+        self.resolver = MXResolver(self.dns.resolver(timeout=(0.5,)), reactor)
+        self.agent = self.make_agent()
+
+    def two_sinks(self, **kw):
+        sink4, port = self.sink(**kw)
+        if not has_ipv6():
+            raise unittest.SkipTest("no IPv6 loopback")
+        factory = SinkFactory(**kw)
+        listening = reactor.listenTCP(port, factory, interface="::1")
+        self.addCleanup(listening.stopListening)
+        return factory, sink4, port
+
+    async def test_mx_preference_ipv6_then_ipv4(self):
+        sink6, sink4, port = self.two_sinks(tls_options=self.pki.server_options)
+        route = Route(via="mx", port=port, tls="verify")
+        [o] = await self.deliver(await self.queue("a@remote.test"), route)
+        self.assertEqual(o.status, DELIVERED, o)
+        self.assertEqual(o.remote, f"mx1.remote.test[::1]:{port}")
+        self.assertTrue(sink6.messages[0].tls)
+        await self.agent.stop()
+        # The first MX goes away: the second one, over IPv4, takes the mail.
+        sink6.greeting = "421 4.3.2 going down"
+        [o] = await self.deliver(await self.queue("b@remote.test"), route)
+        self.assertEqual(o.status, DELIVERED, o)
+        self.assertEqual(o.remote, f"mx2.remote.test[127.0.0.1]:{port}")
+        self.assertEqual(sink4.messages[0].recipients, ["b@remote.test"])
+
+    async def test_implicit_mx(self):
+        sink, port = self.sink()
+        route = Route(via="mx", port=port, tls="opportunistic")
+        [o] = await self.deliver(await self.queue("a@implicit.test"), route)
+        self.assertEqual(o.status, DELIVERED, o)
+        self.assertEqual(o.remote, f"implicit.test[127.0.0.1]:{port}")
+
+    async def test_null_mx_and_nxdomain_fail_servfail_defers(self):
+        route = Route(via="mx", port=25, tls="none")
+        [o] = await self.deliver(await self.queue("a@null.test"), route)
+        self.assertEqual(o.status, FAILED, o)
+        self.assertTrue(o.reply.startswith("5"), o.reply)
+        [o] = await self.deliver(await self.queue("a@nowhere.test"), route)
+        self.assertEqual(o.status, FAILED, o)
+        [o] = await self.deliver(await self.queue("a@broken.test"), route)
+        self.assertEqual(o.status, DEFERRED, o)
+        self.assertTrue(o.reply.startswith("4"), o.reply)

@@ -1114,6 +1114,16 @@ def _tls_reason(reason) -> str:
             return "; ".join(p for p in parts if p) or "TLS error"
     except ImportError:  # pragma: no cover
         pass
+    errors = getattr(value, "errors", None)  # service_identity's VerificationError
+    if isinstance(errors, list) and errors:
+        names = []
+        for e in errors:
+            wanted = getattr(e, "mismatched_id", None)
+            name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            if isinstance(name, bytes):
+                name = name.decode("ascii", "replace")
+            names.append(str(name) if name is not None else e.__class__.__name__)
+        return "certificate name does not match " + ", ".join(names)
     text = str(value) or value.__class__.__name__
     return _CONTROL.sub(" ", text)[:300]
 
