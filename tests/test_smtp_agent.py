@@ -656,3 +656,34 @@ class RealDNSTests(AgentTestCase):
         [o] = await self.deliver(await self.queue("a@broken.test"), route)
         self.assertEqual(o.status, DEFERRED, o)
         self.assertTrue(o.reply.startswith("4"), o.reply)
+
+
+class WithManagerTests(AgentTestCase):
+    """The agent under the real delivery manager: the cap per next hop holds, connections are reused."""
+
+    async def test_many_messages_few_connections_cap_respected(self):
+        from twisted.internet import task
+
+        from twisted_mta import loader
+        from twisted_mta.delivery.manager import DeliveryManager
+
+        sink, port = self.sink()
+        self.resolver.hosts["localhost"] = [Hop("localhost", "127.0.0.1", None)]
+        self.config = make_config(self.folder, delivery={"max_per_destination": 3},
+                                  route=[{"domains": ["*"], "via": "smtp", "host": "localhost",
+                                          "port": port, "tls": "none"}])
+        pipeline = loader.build_pipeline(self.config, 1, reactor=reactor)
+        manager = DeliveryManager(self.spool, lambda: pipeline, lambda: self.config,
+                                  {"smtp": self.agent}, reactor)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        for i in range(30):
+            manager.enqueue(await self.queue(f"r{i}@remote{i % 2}.test"))
+        for _ in range(1000):
+            if not manager.entries:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(manager.entries, {})
+        self.assertEqual(len(sink.messages), 30)
+        self.assertLessEqual(sink.max_active, 3)
+        self.assertLessEqual(sink.connections, 3)
