@@ -165,6 +165,13 @@ class MXTests(unittest.TestCase):
             self.assertTrue(e.permanent, literal)
             self.assertTrue(e.reply.startswith("550 5.1.2 "), e.reply)
 
+    async def test_bad_domain_is_permanent(self):
+        for domain in ("", ".", "a..b.test", "x" * 64 + ".test", "a." * 130 + "test"):
+            e = await self.failure(self.mx.hops(domain))
+            self.assertTrue(e.permanent, domain)
+            self.assertTrue(e.reply.startswith("550 5.1.2 "), e.reply)
+        self.assertEqual(self.dns.queries, [])
+
     @defer.inlineCallbacks
     def test_cname_domain(self):
         """A domain that is a CNAME: the MX of its target."""

@@ -105,16 +105,18 @@ def parse_literal(text: str) -> str | None:
 def _ascii_name(domain: str) -> str:
     """C{domain} in lower case, without a final dot, internationalised labels as A-labels."""
     name = domain.rstrip(".")
-    if name.isascii():
-        return name.lower()
-    try:
-        import idna
-        return idna.encode(name, uts46=True).decode("ascii").lower()
-    except Exception:
+    if not name.isascii():
         try:
-            return name.encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            raise DNSError(f"550 5.1.2 {domain}: not a valid domain name", permanent=True)
+            import idna
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except Exception:
+            try:
+                name = name.encode("idna").decode("ascii")
+            except UnicodeError:
+                name = ""
+    if not name or len(name) > 253 or not all(0 < len(label) < 64 for label in name.split(".")):
+        raise DNSError(f"550 5.1.2 {domain}: not a valid domain name", permanent=True)
+    return name.lower()
 
 
 def _text(name) -> str:
