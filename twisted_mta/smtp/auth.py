@@ -105,6 +105,17 @@ def _printable(text: str, limit: int = 64) -> str:
     return out + ("..." if len(text) > limit else "")
 
 
+def _disconnect(proto, reply: Reply) -> None:
+    """Send C{reply} (a 421) and close the connection."""
+    proto._send(reply)
+    # Under TLS, Twisted sends the close alert (and so closes) only once no
+    # producer is registered; the protocol registers itself for the whole
+    # connection, so a close it starts would wait for the client.
+    if not proto._closed:
+        proto.transport.unregisterProducer()
+    proto._close()
+
+
 class _Cancelled(Exception):
     """The client answered a challenge with C{*}."""
 
@@ -331,18 +342,17 @@ class Authenticator:
             return NOT_ENABLED
         if session.helo is None or not session.esmtp:
             return NEED_EHLO
+        if proto.txn is not None:  # before "already authenticated", as Postfix
+            return IN_TRANSACTION
         if session.user:
             return ALREADY
-        if proto.txn is not None:
-            return IN_TRANSACTION
         reactor = proto.context.reactor
         locked = self.tracker.locked_for(session.client_ip, reactor.seconds())
         if locked:
             log.info("auth: refused AUTH from locked-out [{ip}] session={sid} ({left:.0f} s left)",
                      ip=session.client_ip, sid=session.id, left=locked)
-            proto._send(Reply(421, "4.7.0", f"{proto.hostname} Error: too many authentication "
-                                             "failures; try again later"))
-            proto._close()
+            _disconnect(proto, Reply(421, "4.7.0", f"{proto.hostname} Error: too many "
+                                                    "authentication failures; try again later"))
             return None
         args = argument.split()
         if not 1 <= len(args) <= 2:
@@ -395,9 +405,8 @@ class Authenticator:
                          "filter: {action}", mech=mechanism, user=_printable(user),
                          ip=s.client_ip, sid=s.id, action=verdict.action.value)
                 if verdict.action is Action.DISCONNECT:
-                    proto._send(Reply(421, verdict.enhanced or "4.7.0",
-                                      f"{proto.hostname} {verdict.text or 'Error: closing connection'}"))
-                    proto._close()
+                    _disconnect(proto, Reply(421, verdict.enhanced or "4.7.0", f"{proto.hostname} "
+                                             f"{verdict.text or 'Error: closing connection'}"))
                     return None
                 # IAuthFilter: 535 5.7.8 and 454 4.7.0, unless the plugin
                 # gave an enhanced code other than Verdict's defaults.
