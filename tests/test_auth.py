@@ -737,8 +737,11 @@ class SenderRuleTests(AuthTestCase):
         self.use_filters(self.rule())
         conn = self.ready()
         self.login(conn, "scanner", "scan-pass")
-        self.cmd(conn, "MAIL FROM:<boss@example.test>", _mail_reject_code(), "5.7.1",
-                 "<boss@example.test>: Sender address rejected: not owned by user scanner")
+        conn.send("MAIL FROM:<boss@example.test>")
+        [reply] = conn.take()
+        self.assertIn(reply.code, (550, 553))  # 553 once the server maps it (see the report)
+        self.assertEqual((reply.enhanced, reply.lines), ("5.7.1", (
+            "<boss@example.test>: Sender address rejected: not owned by user scanner",)))
         self.cmd(conn, "MAIL FROM:<scans@example.test>", 250, "2.1.0")
 
     def test_loadable_by_name(self):
@@ -751,9 +754,3 @@ class SenderRuleTests(AuthTestCase):
             config = self.make_config(filter=[{"use": "senders"}])
             self.assertTrue(loader.build_pipeline(config, 2, reactor=self.clock).has_hook("mail"))
 
-
-def _mail_reject_code() -> int:
-    """What the server answers a mail-stage reject of an authenticated session with."""
-    import inspect
-    from twisted_mta.smtp import server
-    return 553 if "553" in inspect.getsource(server.ESMTPServer._refusal) else 550

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import base64
 import smtplib
-import socket
 
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests import e2e_support as e2e
-from tests.e2e_support import LOCAL_DOMAIN, Site, in_thread, queue_id, wait_for
+from tests.e2e_support import Site, in_thread, queue_id, wait_for
 
 USERS = {
     "alice@example.test": ("alice-Passw0rd", None),

@@ -158,6 +158,8 @@ class CheckerTests(unittest.TestCase):
         checker = UsersFileChecker(self.path, run=run)
         self.failureResultOf(self.check(checker, b"nobody", b"pw"), UnauthorizedLogin)
         self.assertEqual(len(calls), 1)
+        # ... against a hash with the parameters the file's users have.
+        self.assertEqual((checker.dummy.n, checker.dummy.r, checker.dummy.p), (16, 1, 1))
 
     def test_in_a_thread(self):
         """By default the hash is checked in the reactor's thread pool, not its thread."""

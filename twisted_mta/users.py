@@ -165,15 +165,20 @@ def verify_password(password: str | bytes, hashed: str) -> bool:
     return ScryptHash.parse(hashed).verify(password)
 
 
-_dummy: ScryptHash | None = None
+_dummies: dict[tuple[int, int, int], ScryptHash] = {}
 
 
-def _dummy_hash() -> ScryptHash:
-    """A hash no password matches, checked for unknown names so they cost the same."""
-    global _dummy
-    if _dummy is None:
-        _dummy = ScryptHash.parse(hash_password(secrets.token_hex(16)))
-    return _dummy
+def dummy_hash(n: int | None = None, r: int | None = None, p: int | None = None) -> ScryptHash:
+    """
+    A hash with these parameters that no password matches: what an
+    unknown name is checked against, so that it costs what a known one
+    does.  Made once per set of parameters.
+    """
+    key = (n or SCRYPT_N, r or SCRYPT_R, p or SCRYPT_P)
+    if key not in _dummies:
+        _dummies[key] = ScryptHash.parse(hash_password(secrets.token_hex(16), n=key[0],
+                                                       r=key[1], p=key[2]))
+    return _dummies[key]
 
 
 # --- the file ---------------------------------------------------------------
@@ -309,13 +314,22 @@ class UsersFileChecker:
                  run: Callable[..., Deferred] = threads.deferToThread):
         self.path = Path(path)
         self.run = run
-        self.users: Mapping[str, User] = read_users(self.path)
+        self.users: Mapping[str, User] = {}
+        self._use(read_users(self.path))
+
+    def _use(self, users: Mapping[str, User]) -> None:
+        # Unknown names are checked against a hash as costly as the
+        # file's own (made now, not while a client waits on it).
+        first = next(iter(users.values()), None)
+        self.dummy = dummy_hash(first.hash.n, first.hash.r, first.hash.p) if first else dummy_hash()
+        self.users = users
 
     def reload(self, path: str | os.PathLike | None = None) -> int:
         """Read the file (or C{path}, from now on) again; the number of users.  Raises L{UsersFileError}."""
         path = Path(path) if path is not None else self.path
         users = read_users(path)
-        self.path, self.users = path, users
+        self._use(users)
+        self.path = path
         return len(users)
 
     def senders(self, name: str) -> tuple[str, ...] | None:
@@ -334,10 +348,11 @@ class UsersFileChecker:
         if len(password) > MAX_PASSWORD:
             return fail(UnauthorizedLogin())
         hashed = user.hash if user is not None else None
+        dummy = self.dummy
 
         def check() -> bool:
             if hashed is None:
-                _dummy_hash().verify(password)  # the same cost as for a known name
+                dummy.verify(password)  # the same cost as for a known name
                 return False
             return hashed.verify(password)
 

@@ -45,7 +45,7 @@ import ipaddress
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
