@@ -42,6 +42,11 @@ BUILTINS: dict[str, str] = {
     "headers": "twisted_mta.builtins.headers:HeaderRules",
     "greylist": "twisted_mta.builtins.greylist:Greylist",
     "ratelimit": "twisted_mta.builtins.ratelimit:RateLimit",
+    "senders": "twisted_mta.builtins.senders:SenderLogin",
+    "dnsbl": "twisted_mta.builtins.dnsbl:DNSBL",
+    "spf": "twisted_mta.builtins.spf:SPF",
+    "dkim_sign": "twisted_mta.builtins.dkim:DKIMSign",
+    "dkim_verify": "twisted_mta.builtins.dkim:DKIMVerify",
 }
 
 

@@ -246,6 +246,7 @@ class DeliveryManager(Service):
                 continue
             r.attempts += 1
             r.last_reply = outcome.reply
+            r.remote = getattr(outcome, "remote", None)
             status = outcome.status
             if status == DEFERRED and expired:
                 status = FAILED

@@ -25,7 +25,7 @@ class RecipientState:
     One recipient's delivery state.  C{state} is one of C{pending} (not yet
     tried), C{deferred} (tried, to be tried again at C{next_try}),
     C{delivered} or C{failed}.  C{last_reply} is the last answer from the
-    next hop (or our own reason), as text.  C{route} is a route chosen by a
+    next hop (or our own reason), as text.  C{remote} names the host that gave C{last_reply}.  C{route} is a route chosen by a
     filter (a L{Route} as a dict), which then overrides the router.
     """
 
@@ -36,6 +36,7 @@ class RecipientState:
     last_reply: str | None = None
     route: dict | None = None
     original: str | None = None
+    remote: str | None = None
 
     @property
     def mailbox(self) -> Address:
