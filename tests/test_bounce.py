@@ -371,7 +371,8 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertEqual([r.address for r in dsn.recipients], ["s@client.example.net"])
         blocks = list(parse(data).iter_parts())[1].get_payload()
         self.assertEqual([(b["Final-Recipient"], b["Status"], b["Remote-MTA"]) for b in blocks[1:]],
-                         [("rfc822; a@far.test", "5.1.1", None), ("rfc822; b@far.test", "5.1.1", None)])
+                         [("rfc822; a@far.test", "5.1.1", "dns; mx.far.test"),
+                          ("rfc822; b@far.test", "5.1.1", "dns; mx.far.test")])
         # ...and then failed too: it is not answered, and both leave the queue.
         self.assertEqual([c[1] for c in agent.calls],
                          [["a@far.test", "b@far.test"], ["s@client.example.net"]])
