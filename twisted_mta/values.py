@@ -317,6 +317,8 @@ class PluginContext:
         (C{mta.toml: filter[2]}).
     @ivar config: the whole configuration being loaded.
     @ivar reactor: the reactor, for timers and DNS.
+    @ivar resolver: (a property) a twisted.names C{IResolver} asking the
+        C{[delivery] nameservers} (or the system's), one per server.
     """
 
     folder: object
@@ -325,3 +327,10 @@ class PluginContext:
     where: str
     config: object = None
     reactor: object = None
+
+    @property
+    def resolver(self):
+        from twisted_mta.delivery.mx import make_resolver
+        servers = tuple(self.config.delivery.nameservers) if self.config is not None else ()
+        return self.shared.get(("resolver", servers),
+                               lambda: make_resolver(servers, self.reactor))
