@@ -12,19 +12,31 @@ import threading
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_mta import loader
 from twisted_mta import config as configmod
 from twisted_mta.config import Config
+from twisted_mta.control import ControlService, ControlStartupError
+from twisted_mta.delivery.bounce import Bouncer
+from twisted_mta.delivery.lmtp import LMTPAgent
 from twisted_mta.delivery.maildir import MaildirAgent
 from twisted_mta.delivery.manager import DeliveryManager
+from twisted_mta.delivery.mx import MXResolver, make_resolver
+from twisted_mta.delivery.smtp import SMTPAgent
 from twisted_mta.smtp import tls as tlsmod
 from twisted_mta.smtp.server import ConnectionCounter, ESMTPFactory, ServerContext
 from twisted_mta.spool.store import Spool
 from twisted_mta.values import SharedState
 
 log = Logger()
+
+
+def _reason(error: BaseException) -> str:
+    """An error's text in one line, without the exception class noise."""
+    text = getattr(error, "socketError", None) or error
+    return " ".join(str(text).split()) or type(error).__name__
 
 
 class StartupError(Exception):
@@ -49,11 +61,23 @@ class MTAService(service.MultiService, ServerContext):
         self.counter = ConnectionCounter()
         self.shared = SharedState()  # plugins' state, kept across reloads
         self.ports: list = []
-        self.agents = {"maildir": MaildirAgent(self.spool, reactor)}
+        self._listened = False
+        self.smtp_agent = SMTPAgent(self.spool, self._mx_resolver(config), lambda: self.config,
+                                    reactor)
+        self.lmtp_agent = LMTPAgent(self.spool, lambda: self.config, reactor)
+        self.agents = {"maildir": MaildirAgent(self.spool, reactor), "smtp": self.smtp_agent,
+                       "mx": self.smtp_agent, "lmtp": self.lmtp_agent}
         self.delivery = DeliveryManager(
             self.spool, lambda: self.pipeline, lambda: self.config, self.agents, reactor,
             observers=lambda: self.pipeline.observers if self.pipeline else ())
+        self.delivery.bouncer = Bouncer(self.spool, self.delivery.enqueue, lambda: self.config,
+                                        reactor)
         self.delivery.setServiceParent(self)
+        self.control = ControlService(self, reactor)
+        self.control.setServiceParent(self)
+
+    def _mx_resolver(self, config: Config) -> MXResolver:
+        return MXResolver(make_resolver(config.delivery.nameservers, self.reactor), self.reactor)
 
     # --- ServerContext ------------------------------------------------------
 
@@ -83,15 +107,26 @@ class MTAService(service.MultiService, ServerContext):
 
     def prepare(self) -> None:
         """
-        Everything that can fail before the server listens: certificates,
-        plugins, the spool.  Raises L{StartupError} with the reason.
+        Everything that can fail before the server listens: the control
+        socket (another server on this spool?), certificates, the users
+        file, plugins, the spool.  Raises L{StartupError} with the reason.
         """
+        try:
+            self.control.prepare()
+        except ControlStartupError as e:
+            raise StartupError(str(e))
         try:
             self.pipeline = loader.build_pipeline(self.config, generation=1, reactor=self.reactor,
                                                   shared=self.shared)
         except loader.PluginError as e:
             raise StartupError(str(e))
         self.tls_options = tlsmod.SwappableServerTLS(self._tls_for(self.config))
+        if any(listen.auth != "none" for listen in self.config.listen):
+            from twisted_mta.smtp.auth import Authenticator
+            try:
+                self.auth = Authenticator.from_config(self.config)
+            except ValueError as e:
+                raise StartupError(str(e))
         try:
             entries = self.spool.prepare()
         except OSError as e:
@@ -126,6 +161,8 @@ class MTAService(service.MultiService, ServerContext):
                       gen=self.pipeline.generation, why=str(e))
             return defer.fail(ReloadError(str(e)))
         notes = self._unapplied(old, new)
+        if new.delivery.nameservers != old.delivery.nameservers:
+            self.smtp_agent.resolver = self._mx_resolver(new)
         self.config = new
         self.pipeline = pipeline
         self.tls_options.options = options
@@ -153,19 +190,53 @@ class MTAService(service.MultiService, ServerContext):
     def _reload_logged(self) -> None:
         self.reload().addErrback(lambda f: None)  # reload() has logged why
 
+    def privilegedStartService(self) -> None:
+        # twistd calls this before dropping privileges: listen here, so
+        # ports below 1024 work, and so that a port that cannot be had
+        # stops start-up with one line rather than a server without ears.
+        if self.pipeline is None:
+            self.prepare()
+        try:
+            self.listen()
+        except StartupError as e:
+            raise SystemExit(f"twisted-mta: {e}")
+        super().privilegedStartService()
+
+    def listen(self) -> None:
+        """
+        Listen on every C{[[listen]]} endpoint, in order (L{ports}).  Raises
+        L{StartupError} naming the endpoint when one cannot listen, after
+        closing those already open.
+        """
+        if self._listened:
+            return
+        self._listened = True
+        for i, listen in enumerate(self.config.listen):
+            factory = ESMTPFactory(self, listen, self.counter)
+            if listen.tls == "implicit":
+                factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
+            endpoint = endpoints.serverFromString(self.reactor, listen.endpoint)
+            result = []
+            d = endpoint.listen(factory)
+            d.addBoth(result.append)
+            if not result:  # an endpoint that listens later: log its outcome
+                d.addCallback(self._listening, listen)
+                d.addErrback(self._listen_failed, listen)
+                continue
+            if isinstance(result[0], Failure):
+                for port in self.ports:
+                    port.stopListening()
+                self.ports = []
+                raise StartupError(f"{self.config.file}: listen[{i}].endpoint: cannot listen on "
+                                   f"{listen.endpoint}: {_reason(result[0].value)}")
+            self._listening(result[0], listen)
+
     def startService(self) -> None:
         if self.pipeline is None:
             self.prepare()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._sighup)
-        for listen in self.config.listen:
-            factory = ESMTPFactory(self, listen, self.counter)
-            if listen.tls == "implicit":
-                factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-            endpoint = endpoints.serverFromString(self.reactor, listen.endpoint)
-            d = endpoint.listen(factory)
-            d.addCallback(self._listening, listen)
-            d.addErrback(self._listen_failed, listen)
+        self.listen()
         super().startService()
 
     def _listening(self, port, listen) -> None:
@@ -174,7 +245,8 @@ class MTAService(service.MultiService, ServerContext):
                  endpoint=listen.endpoint, tls=listen.tls, auth=listen.auth)
 
     def _listen_failed(self, failure, listen) -> None:
-        log.failure("cannot listen on {endpoint}", failure, endpoint=listen.endpoint)
+        log.error("cannot listen on {endpoint}: {why}", endpoint=listen.endpoint,
+                  why=_reason(failure.value))
         # Without its listeners the MTA is useless: stop, and say why.
         if self.reactor.running:
             self.reactor.stop()
@@ -183,5 +255,7 @@ class MTAService(service.MultiService, ServerContext):
     def stopService(self):
         ports, self.ports = self.ports, []
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+        self._listened = False
         yield super().stopService()
+        yield defer.DeferredList([self.smtp_agent.stop(), self.lmtp_agent.stop()])
         self.spool.stop()
