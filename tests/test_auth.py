@@ -408,6 +408,21 @@ class ErrorTests(AuthTestCase):
         self.cmd(conn, "*", 501, "5.7.0", "Authentication aborted")
         self.login(conn)
 
+    def test_long_lines(self):
+        """
+        RFC 4954 4: AUTH lines may be 12288 octets (a long password
+        passes); a longer line in the exchange ends it with 500 5.5.6, and
+        the session goes on.
+        """
+        conn = self.ready()
+        conn.send(f"AUTH PLAIN {plain('bob', 'p' * 4000)}")  # a wrong password, not a long line
+        self.clock.advance(60)
+        self.assertEqual([(r.code, r.enhanced) for r in conn.take()], [(535, "5.7.8")])
+        self.cmd(conn, "AUTH LOGIN", 334)
+        self.cmd(conn, "A" * 13000, 500, "5.5.6")
+        self.cmd(conn, "NOOP", 250, "2.0.0")
+        self.login(conn)
+
     def test_cancel_login(self):
         conn = self.ready()
         self.cmd(conn, "AUTH LOGIN", 334)

@@ -166,6 +166,19 @@ class ErrorTests(unittest.TestCase):
         self.assertError(GOOD.replace('hostname = "mx.example.test"', 'hostname = "mx example"'),
                          "hostname", "not a host name")
 
+    def test_auth_needs_users(self):
+        self.assertError(GOOD.replace('endpoint = "tcp:2525:interface=127.0.0.1"',
+                                      'endpoint = "tcp:2525:interface=127.0.0.1"\nauth = "offer"'),
+                         "auth.users", "missing")
+
+    def test_bad_sender_rule(self):
+        self.assertError(GOOD + '\n[auth]\nsender_rule = ""\n', "auth.sender_rule",
+                         "expected a plugin name")
+
+    def test_bad_nameserver(self):
+        self.assertError(GOOD + '\n[delivery]\nnameservers = ["ns.example.test"]\n',
+                         "delivery.nameservers", "ns.example.test")
+
     def test_bad_control_endpoint(self):
         self.assertError('control = "bogus:x"\n' + GOOD, "control", "bad endpoint")
 
@@ -326,7 +339,7 @@ class TwistdTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
         log = folder / "twistd.log"
         said = out + err + (log.read_text() if log.exists() else "")
-        self.assertIn(f"listen[0].endpoint: cannot listen on {endpoint}", said)
+        self.assertIn(f"listen[1].endpoint: cannot listen on {endpoint}", said)
 
     def test_missing_config(self):
         folder = Path(self.mktemp()).resolve()

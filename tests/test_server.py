@@ -438,7 +438,7 @@ class EnvelopeTests(ServerTestCase):
         self.use_filters(judge)
         conn = self.ready(UNTRUSTED_IP)
         self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
-        self.cmd(conn, "RCPT TO:<Postmaster>", 450, "4.7.1")
+        self.cmd(conn, "RCPT TO:<Postmaster>", 451, "4.7.1")
         self.assertIn("rcpt:postmaster@example.test", judge.seen)
 
     def test_postmaster_with_a_domain_is_ordinary(self) -> None:
@@ -992,12 +992,15 @@ class FilterTests(ServerTestCase):
     def test_verdicts(self) -> None:
         cases = [
             ("mail", Verdict.reject(), 550, "5.7.1"),
+            ("mail", Verdict.reject("not yours", "5.7.1"), 553, "5.7.1"),
+            ("mail", Verdict.reject("too big for you", "5.3.4"), 552, "5.3.4"),
+            ("rcpt", Verdict.reject("full", "5.2.2"), 552, "5.2.2"),
             ("mail", Verdict.reject("Go away", "5.7.26"), 550, "5.7.26"),
-            ("mail", Verdict.tempfail(), 450, "4.7.1"),
+            ("mail", Verdict.tempfail(), 451, "4.7.1"),
             ("rcpt", Verdict.reject(), 550, "5.7.1"),
             ("rcpt", Verdict.reject("No such user", "5.1.1"), 550, "5.1.1"),
-            ("rcpt", Verdict.tempfail(), 450, "4.7.1"),
-            ("rcpt", Verdict.tempfail("Greylisted", "4.7.10"), 450, "4.7.10"),
+            ("rcpt", Verdict.tempfail(), 451, "4.7.1"),
+            ("rcpt", Verdict.tempfail("Greylisted", "4.7.10"), 451, "4.7.10"),
             ("data", Verdict.reject(), 554, "5.7.1"),
             ("data", Verdict.reject("Spam", "5.7.0"), 554, "5.7.0"),
             ("data", Verdict.tempfail(), 451, "4.7.1"),
@@ -2152,7 +2155,7 @@ class SessionStageTests(ServerTestCase):
     def test_helo_tempfail(self) -> None:
         self.use_filters(Doorman(helo=Verdict.tempfail()))
         conn = self.connect()
-        self.cmd(conn, "HELO c", 450, "4.7.1")
+        self.cmd(conn, "HELO c", 451, "4.7.1")
         self.assertIsNone(conn.proto.session.helo)
 
 

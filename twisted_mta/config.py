@@ -60,6 +60,7 @@ class AuthConfig:
     show_user_in_received: bool = False
     failure_limit: int = 10
     lockout: float = 600.0
+    sender_rule: str = "senders"  # the plugin that says which senders a login may use
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,14 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         show_user_in_received=t.boolean("show_user_in_received", False),
         failure_limit=t.positive("failure_limit", 10),
         lockout=t.positive("lockout", 600.0, float),
+        sender_rule=t.string("sender_rule", "senders"),
     )
+    if not auth.sender_rule:
+        raise t.error("sender_rule", "expected a plugin name (\"senders\", module:Class, "
+                                     "or \"none\")")
+    if auth.users is None and any(listen.auth != "none" for listen in listen):
+        raise t.error("users", "missing: a [[listen]] has auth = \"offer\" or \"require\" "
+                               "(create the file with 'twisted-mta passwd NAME')")
     t.done()
 
     t = _Table(file, "limits", top.take("limits", dict, {}, "a table"), folder)
@@ -422,6 +430,12 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         nameservers=t.strings("nameservers"),
         ca_file=t.path("ca_file", must_exist=True),
     )
+    for server in delivery.nameservers:
+        from twisted_mta.delivery.mx import parse_nameserver
+        try:
+            parse_nameserver(server)
+        except ValueError as e:
+            raise t.error("nameservers", str(e))
     if delivery.max_backoff < delivery.min_backoff:
         raise t.error("max_backoff", "must not be less than min_backoff")
     t.done()

@@ -42,7 +42,7 @@ class IHeloFilter(IFilter):
     def helo(session, hostname):
         """
         The client said HELO or EHLO C{hostname} (a string).  Reject: 550;
-        tempfail: 450.  The name is kept either way only if accepted.
+        tempfail: 451.  The name is kept either way only if accepted.
         """
 
 
@@ -59,8 +59,10 @@ class IMailFilter(IFilter):
     def mail(session, envelope):
         """
         MAIL FROM: C{envelope.sender} (C{None} for C{<>}) with its
-        declared size and body type.  Reject: 550 (sender refused);
-        tempfail: 450.  A L{RewriteSender} change replaces the sender.
+        declared size and body type.  Reject: 550 (sender refused; 553
+        when the verdict names 5.7.1, 5.1.7 or 5.1.8: this sender is not
+        allowed, as for a login that does not own it); tempfail: 451.
+        A L{RewriteSender} change replaces the sender.
         """
 
 
@@ -69,7 +71,8 @@ class IRcptFilter(IFilter):
         """
         RCPT TO: C{recipient} (an L{Address}), after the relay rules let
         it through.  C{envelope.recipients} holds those accepted so far.
-        Reject: 550; tempfail: 450; discard: accepted but never delivered.
+        Reject: 550 (552 with 5.2.2 or 5.3.4); tempfail: 451; discard:
+        accepted but never delivered.
         A L{RewriteRecipient} replaces it (aliases), a L{SetRoute} routes it.
         """
 

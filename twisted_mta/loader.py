@@ -183,6 +183,20 @@ def _takes_context(cls) -> bool:
         return False
 
 
+def with_sender_rule(config: Config) -> tuple[PluginConfig, ...]:
+    """
+    The filter tables to load: C{[[filter]]}, preceded by C{[auth]
+    sender_rule} (the rule that says which envelope senders a login may
+    use; C{"senders"} by default) when a listener takes AUTH, unless a
+    C{[[filter]]} already uses it or it is C{"none"}.
+    """
+    rule = config.auth.sender_rule
+    if (rule == "none" or all(listen.auth == "none" for listen in config.listen)
+            or any(pc.use == rule for pc in config.filters)):
+        return tuple(config.filters)
+    return (PluginConfig(rule, {}, "auth.sender_rule"),) + tuple(config.filters)
+
+
 def build_pipeline(config: Config, generation: int, reactor=None,
                    shared: SharedState | None = None) -> Pipeline:
     """
@@ -202,7 +216,7 @@ def build_pipeline(config: Config, generation: int, reactor=None,
         router_pc = config.router_plugin or PluginConfig("routes", {}, "route")
         router_extra = {} if config.router_plugin else {"routes": config.routes}
         router = load(config, router_pc, build, (IRouter,), router_extra)
-        filters = [load(config, pc, build) for pc in config.filters]
+        filters = [load(config, pc, build) for pc in with_sender_rule(config)]
     except BaseException:
         build.forget()
         raise

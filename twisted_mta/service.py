@@ -211,7 +211,7 @@ class MTAService(service.MultiService, ServerContext):
         if self._listened:
             return
         self._listened = True
-        for i, listen in enumerate(self.config.listen):
+        for i, listen in enumerate(self.config.listen, 1):
             factory = ESMTPFactory(self, listen, self.counter)
             if listen.tls == "implicit":
                 factory = TLSMemoryBIOFactory(self.tls_options, False, factory)

@@ -239,9 +239,12 @@ class Verdict:
       - C{ACCEPT}: accept at this stage without asking the plugins after
         this one (the relay rules are still applied first).
       - C{REJECT}: a permanent refusal: 550 (554 at connect and data) with
-        C{enhanced} (default 5.7.1).
-      - C{TEMPFAIL}: a temporary refusal: 450 (451 at data, 421 at connect)
-        with C{enhanced} (default 4.7.1).
+        C{enhanced} (default 5.7.1).  Some enhanced codes choose another
+        reply code: 5.3.4 (too big) and 5.2.2 (mailbox full) give 552;
+        at MAIL, an explicit 5.7.1, 5.1.7 or 5.1.8 (this sender is not
+        allowed) gives 553.
+      - C{TEMPFAIL}: a temporary refusal: 451 (421 at connect) with
+        C{enhanced} (default 4.7.1).
       - C{DISCARD}: accept, then drop the message silently (at rcpt:
         this recipient; elsewhere: the whole transaction).
       - C{DISCONNECT}: 421 and close the connection.
@@ -263,11 +266,11 @@ class Verdict:
         return cls(Action.ACCEPT, changes=tuple(changes))
 
     @classmethod
-    def reject(cls, text: str | None = None, enhanced: str = "5.7.1") -> "Verdict":
+    def reject(cls, text: str | None = None, enhanced: str | None = None) -> "Verdict":
         return cls(Action.REJECT, text, enhanced)
 
     @classmethod
-    def tempfail(cls, text: str | None = None, enhanced: str = "4.7.1") -> "Verdict":
+    def tempfail(cls, text: str | None = None, enhanced: str | None = None) -> "Verdict":
         return cls(Action.TEMPFAIL, text, enhanced)
 
     @classmethod

@@ -25,6 +25,9 @@ MAX_PATH = 256
 # +26 for SIZE, RFC 4954 +500 for AUTH=), so those two verbs get more room.
 MAX_COMMAND_LINE = 512
 MAX_MAIL_RCPT_LINE = 512 + 26 + 500
+#: RFC 4954 4: an AUTH command with an initial response, and each line of
+#: the exchange, may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
 
 
 class GrammarError(ValueError):

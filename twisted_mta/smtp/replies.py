@@ -126,6 +126,7 @@ def _wire_enhanced(code: int, enhanced: str | None) -> str | None:
 OK = Reply(250, "2.0.0", "Ok")
 SYNTAX_UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
 BARE_NEWLINE = Reply(500, "5.5.2", "Error: bare <LF> received")
 NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
 EIGHT_BIT_COMMAND = Reply(500, "5.5.2", "Error: 8-bit character in command")
@@ -143,3 +144,37 @@ PLUGIN_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing")
 VRFY = Reply(252, "2.0.0", "Send some mail, I'll try my best")
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
+
+
+#: Enhanced codes at MAIL that say the sender address itself is not allowed
+#: (RFC 5321's 553 "mailbox name not allowed"), as Postfix answers a
+#: sender login mismatch or a malformed sender.
+_SENDER_NOT_ALLOWED = ("5.7.1", "5.1.7", "5.1.8")
+
+
+def refusal_reply(verdict, stage: str) -> Reply:
+    """
+    The reply to a refusing L{Verdict} (reject or tempfail) at C{stage}
+    (C{helo}, C{mail}, C{rcpt} or C{data}): the server owns the codes, a
+    plugin gives the text and, if it likes, the enhanced code.
+
+      - tempfail: 451 (with 4.7.1 unless the plugin says otherwise);
+      - reject: 552 for a size limit (5.3.4) or a full mailbox (5.2.2);
+        at MAIL, 553 when the plugin names 5.7.1, 5.1.7 or 5.1.8 (this
+        sender is not allowed); at DATA, 554; otherwise 550; with 5.7.1
+        when the plugin names no enhanced code.
+    """
+    from twisted_mta.values import Action  # here: values -> grammar -> replies
+
+    if verdict.action is Action.TEMPFAIL:
+        return Reply(451, verdict.enhanced or "4.7.1", verdict.text or "Try again later")
+    enhanced = verdict.enhanced or "5.7.1"
+    if enhanced in ("5.3.4", "5.2.2"):
+        code = 552
+    elif stage == "mail" and verdict.enhanced in _SENDER_NOT_ALLOWED:
+        code = 553
+    elif stage == "data":
+        code = 554
+    else:
+        code = 550
+    return Reply(code, enhanced, verdict.text or "Rejected")

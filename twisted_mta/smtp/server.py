@@ -33,7 +33,7 @@ from twisted_mta.config import Config, ListenConfig
 from twisted_mta.smtp import grammar, replies as R
 from twisted_mta.smtp.data import ChunkReader, DataReader, NewlineFilter
 from twisted_mta.smtp.grammar import Address, GrammarError
-from twisted_mta.smtp.replies import Reply
+from twisted_mta.smtp.replies import Reply, refusal_reply
 from twisted_mta.smtp.tls import tls_info
 from twisted_mta.spool.entry import QueueEntry, RecipientState
 from twisted_mta.values import (
@@ -339,19 +339,30 @@ class ESMTPServer(Protocol):
                 self._buffer, self._pos = b"", 0
             if self._discarding:
                 self._discarding = False
-                self._answer(R.LINE_TOO_LONG)
+                self._answer_overlong()
                 continue
             self._line(line)
 
-    @staticmethod
-    def _line_limit(start: bytes) -> int:
-        if start[:5].upper() in (b"MAIL ", b"RCPT "):
+    def _line_limit(self, start: bytes) -> int:
+        if self.line_hook is not None:
+            return grammar.MAX_AUTH_LINE
+        verb = start[:5].upper()
+        if verb in (b"MAIL ", b"RCPT "):
             return grammar.MAX_MAIL_RCPT_LINE
+        if verb == b"AUTH ":
+            return grammar.MAX_AUTH_LINE
         return grammar.MAX_COMMAND_LINE
+
+    def _answer_overlong(self) -> None:
+        if self.line_hook is not None:
+            # RFC 4954 4: the exchange is over; the session goes on.
+            self.line_hook = None
+            return self._answer(R.AUTH_LINE_TOO_LONG)
+        self._answer(R.LINE_TOO_LONG)
 
     def _line(self, line: bytes) -> None:
         if len(line) > self._line_limit(line):
-            return self._answer(R.LINE_TOO_LONG)
+            return self._answer_overlong()
         if line.endswith(b"\r\n"):
             line = line[:-2]
         elif self.config.limits.bare_newline == "reject":
@@ -450,6 +461,12 @@ class ESMTPServer(Protocol):
             self.txn = None
         self._closed = True
         self._cancel_timeout()
+        # A registered producer (ourselves, for flow control) would keep a
+        # TLS transport from ever closing: loseConnection waits for it.
+        try:
+            self.transport.unregisterProducer()
+        except (RuntimeError, AttributeError):
+            pass
         self.transport.loseConnection()
 
     def _sync_error(self, pending: int) -> None:
@@ -572,15 +589,7 @@ class ESMTPServer(Protocol):
                              f"{self.hostname} {verdict.text or 'Error: closing connection'}"))
             self._close()
             return None
-        if action is Action.TEMPFAIL:
-            # 450 at the envelope stages, as the Verdict contract says;
-            # 451 (local error) at data and whenever the cause is ours, a
-            # 4.3.x system error such as a plugin that failed.
-            enhanced = verdict.enhanced or "4.7.1"
-            code = 451 if stage == "data" or enhanced.startswith("4.3.") else 450
-            return Reply(code, enhanced, verdict.text or "Try again later")
-        code = 554 if stage in ("connect", "data") else 550
-        return Reply(code, verdict.enhanced or "5.7.1", verdict.text or "Rejected")
+        return refusal_reply(verdict, stage)
 
     def _check_may_mail(self) -> Reply | None:
         if self.session.helo is None:
@@ -626,7 +635,7 @@ class ESMTPServer(Protocol):
         return d.addCallback(decided)
 
     def _postmaster(self) -> Address:
-        domains = self.config.relay.local_domains
+        domains = [d for d in self.config.relay.local_domains if not d.startswith("*.")]
         return Address("postmaster", domains[0] if domains else self.hostname)
 
     def smtp_RCPT(self, argument: str):
@@ -851,7 +860,7 @@ class ESMTPServer(Protocol):
     def _check_and_commit(self, txn: Transaction) -> Deferred:
         incoming = txn.incoming
         incoming.flush()
-        message = Message(size=incoming.size, headers=parse_headers(txn.head),
+        message = Message(size=txn.size, headers=parse_headers(txn.head),
                           path=str(incoming.path))
         d = txn.pipeline.ask("data", self.session, txn.envelope, message)
 
