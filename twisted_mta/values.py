@@ -184,11 +184,14 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class AddHeader:
-    """Add a header field at the top of the message (or at the end of the header with C{prepend=False})."""
+    """
+    Add a header field at the top of the message, above the Received
+    field this server adds (as Postfix's milters and Haraka do), so that
+    trace order stays right and signatures over the rest stay valid.
+    """
 
     name: str
     value: str
-    prepend: bool = True
 
 
 @dataclass(frozen=True)
