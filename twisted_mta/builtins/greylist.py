@@ -26,6 +26,7 @@ the log has grown far past the live state.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import json
 import os
@@ -57,12 +58,20 @@ class GreylistStore:
     """
     Triplets: key -> [first_seen, passed_until or 0].  Changes are appended
     to a log file; L{load} replays and compacts it.
+
+    Expired triplets are pruned as time goes on, not only when looked up:
+    every change also goes on a heap ordered by when the triplet will
+    expire, and L{prune} (called at each lookup, cheap when nothing is
+    due) pops what is due, so the memory held is the live triplets plus a
+    bounded number of stale heap records.  The log is rewritten without
+    the dead when it has grown well past the live state (L{compact}).
     """
 
     def __init__(self, path: Path, lifetime: float, window: float):
         self.path = path
         self.lifetime, self.window = lifetime, window
         self.entries: dict[str, list[float]] = {}
+        self._heap: list[tuple[float, str]] = []  # (expires, key), possibly stale
         self._appended = 0
         self._file = None
 
@@ -72,18 +81,35 @@ class GreylistStore:
                 for line in f:
                     try:
                         key, first, passed = json.loads(line)
+                        value = [float(first), float(passed)]
                     except (ValueError, TypeError):
                         continue  # a torn last line after a crash
-                    self.entries[key] = [first, passed]
+                    self.entries[str(key)] = value
         self.compact(now)
 
-    def _expired(self, value: list[float], now: float) -> bool:
+    def _expires(self, value: list[float]) -> float:
         first, passed = value
-        return (passed < now) if passed else (first + self.window < now)
+        return passed if passed else first + self.window
+
+    def _expired(self, value: list[float], now: float) -> bool:
+        return self._expires(value) < now
+
+    def prune(self, now: float) -> int:
+        """Forget every triplet that has expired by C{now}; how many went."""
+        heap, entries, pruned = self._heap, self.entries, 0
+        while heap and heap[0][0] < now:
+            _, key = heapq.heappop(heap)
+            value = entries.get(key)
+            if value is not None and self._expired(value, now):
+                del entries[key]
+                pruned += 1
+        return pruned
 
     def compact(self, now: float) -> None:
         """Drop expired triplets and rewrite the log with what is live."""
         self.entries = {k: v for k, v in self.entries.items() if not self._expired(v, now)}
+        self._heap = [(self._expires(v), k) for k, v in self.entries.items()]
+        heapq.heapify(self._heap)
         if self._file is not None:
             self._file.close()
         tmp = self.path.with_suffix(".tmp")
@@ -95,6 +121,7 @@ class GreylistStore:
         self._appended = 0
 
     def get(self, key: str, now: float) -> list[float] | None:
+        self.prune(now)
         value = self.entries.get(key)
         if value is not None and self._expired(value, now):
             del self.entries[key]
@@ -102,30 +129,62 @@ class GreylistStore:
         return value
 
     def put(self, key: str, first: float, passed: float, now: float) -> None:
-        self.entries[key] = [first, passed]
+        value = [first, passed]
+        self.entries[key] = value
+        heapq.heappush(self._heap, (self._expires(value), key))
         self._file.write(json.dumps([key, first, passed]) + "\n")
         self._appended += 1
         if self._appended > 4 * len(self.entries) + 10000:
             self.compact(now)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _seconds(name: str, value, positive: bool = False) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or value < 0 or (positive and value == 0)):
+        raise ValueError(f"{name}: expected a {'positive ' if positive else ''}"
+                         f"number of seconds, got {value!r}")
+    return float(value)
+
+
+def _client_ip(text: str):
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
 
 
 @implementer(IRcptFilter)
 class Greylist:
     def __init__(self, delay: float = 300, window: float = 86400, lifetime: float = 30 * 86400,
                  allow=(), context=None):
-        for name, value in (("delay", delay), ("window", window), ("lifetime", lifetime)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}: expected a number of seconds, got {value!r}")
-        if window <= delay:
-            raise ValueError("window must be longer than delay")
-        self.delay, self.window, self.lifetime = float(delay), float(window), float(lifetime)
+        self.delay = _seconds("delay", delay)
+        self.window = _seconds("window", window, positive=True)
+        self.lifetime = _seconds("lifetime", lifetime, positive=True)
+        if self.window <= self.delay:
+            raise ValueError(f"window: must be longer than delay ({window!r} <= {delay!r})")
+        if isinstance(allow, str) or not isinstance(allow, (list, tuple)):
+            raise ValueError(f"allow: expected a list of networks, got {allow!r}")
+        skip = []
+        for i, text in enumerate(allow, 1):
+            try:
+                skip.append(ipaddress.ip_network(text, strict=False))
+            except (ValueError, TypeError):
+                raise ValueError(f"allow[{i}]: not a network (CIDR): {text!r}")
         if context is None:
             raise ValueError("greylist needs the server's context (a state folder)")
         self.reactor = context.reactor
         if self.reactor is None:
             from twisted.internet import reactor
             self.reactor = reactor
-        self.skip = tuple(ipaddress.ip_network(n, strict=False) for n in allow)
+        self.skip = tuple(skip)
         if context.config is not None:
             self.skip += tuple(context.config.relay.networks)
         path = Path(context.state_folder) / "greylist.log"
@@ -135,24 +194,28 @@ class Greylist:
             store.load(self.reactor.seconds())
             return store
 
+        # One store per server (kept across reloads); a reload may change
+        # the times, which then apply to the triplets already known.
         self.store = context.shared.get(("greylist", str(path)), make_store)
         self.store.lifetime, self.store.window = self.lifetime, self.window
 
     def _skipped(self, session) -> bool:
         if session.user:
             return True
-        try:
-            ip = ipaddress.ip_address(session.client_ip)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.skip)
+        ip = _client_ip(session.client_ip)
+        return ip is not None and any(ip.version == net.version and ip in net
+                                      for net in self.skip)
+
+    def triplet(self, session, envelope, recipient) -> str:
+        """The key a delivery attempt is greylisted by: network, sender, recipient."""
+        return " ".join((client_network(session.client_ip),
+                         str(envelope.sender or "").lower(), recipient.key))
 
     def rcpt(self, session, envelope, recipient):
         if self._skipped(session):
             return None
         now = self.reactor.seconds()
-        key = " ".join((client_network(session.client_ip),
-                        str(envelope.sender or "").lower(), recipient.key))
+        key = self.triplet(session, envelope, recipient)
         value = self.store.get(key, now)
         if value is None:
             self.store.put(key, now, 0.0, now)
@@ -160,6 +223,10 @@ class Greylist:
             return Verdict.tempfail(GREYLISTED, "4.7.1")
         first, passed = value
         if passed or now - first >= self.delay:
+            if not passed:
+                log.info("greylist: triplet {key} passed after {s:.0f} s", key=key, s=now - first)
+            # Known for a lifetime from now: renewed by each message, but
+            # written at most once an hour per triplet.
             if not passed or passed - now < self.lifetime - 3600:
                 self.store.put(key, first, now + self.lifetime, now)
             return None

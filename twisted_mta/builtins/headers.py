@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IDataFilter
-from twisted_mta.values import AddHeader, RemoveHeader, Verdict
+from twisted_mta.values import AddHeader, RemoveHeader, Verdict, parse_headers
 
-ACTIONS = ("add", "remove", "replace")
+ACTIONS = ("add", "remove", "rewrite", "replace")  # replace: another name for rewrite
 DIRECTIONS = ("any", "inbound", "outbound")
+HEAD_LIMIT = 256 * 1024  # bytes of a stored message read for its header
 _NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
 
 
@@ -59,7 +60,9 @@ def _rule(table, i: int) -> Rule:
     table = dict(table)
     action = table.pop("action", None)
     if action not in ACTIONS:
-        raise ValueError(f"{where}.action: expected one of {', '.join(ACTIONS)}, got {action!r}")
+        raise ValueError(f"{where}.action: expected one of add, remove, rewrite, got {action!r}")
+    if action == "replace":
+        action = "rewrite"
     name = table.pop("name", None)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{where}.name: expected a header field name, got {name!r}")
@@ -69,10 +72,19 @@ def _rule(table, i: int) -> Rule:
     except (re.error, TypeError) as e:
         raise ValueError(f"{where}.match: not a regular expression: {e}")
     value = table.pop("value", None)
-    if action in ("add", "replace") and not isinstance(value, str):
+    if action in ("add", "rewrite") and not isinstance(value, str):
         raise ValueError(f"{where}.value: {action} needs a string value")
-    if value is not None and ("\r" in value or "\n" in value):
-        raise ValueError(f"{where}.value: no line breaks in header values")
+    if action == "remove" and value is not None:
+        raise ValueError(f"{where}.value: remove takes no value")
+    if value is not None and ("\r" in value or "\n" in value or "\0" in value):
+        raise ValueError(f"{where}.value: no line breaks or NULs in header values")
+    if action == "rewrite" and pattern is not None:
+        try:
+            pattern.sub(value, "")  # checks the template's group references
+        except (re.error, IndexError) as e:
+            raise ValueError(f"{where}.value: not a replacement for match: {e}")
+    if action == "add" and pattern is not None:
+        raise ValueError(f"{where}.match: add takes no match")
     direction = table.pop("direction", "any")
     if direction not in DIRECTIONS:
         raise ValueError(f"{where}.direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
@@ -81,42 +93,86 @@ def _rule(table, i: int) -> Rule:
     return Rule(action, name, pattern, value or "", direction)
 
 
+def _networks(networks) -> tuple:
+    if isinstance(networks, str) or not isinstance(networks, (list, tuple)):
+        raise ValueError(f"networks: expected a list of networks, got {networks!r}")
+    out = []
+    for i, net in enumerate(networks, 1):
+        if isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            out.append(net)
+            continue
+        try:
+            out.append(ipaddress.ip_network(net, strict=False))
+        except (ValueError, TypeError):
+            raise ValueError(f"networks[{i}]: not a network (CIDR): {net!r}")
+    return tuple(out)
+
+
+def read_header_fields(message) -> tuple[tuple[str, str], ...]:
+    """
+    The header fields of C{message} as it is stored, this server's own
+    C{Received} field first (the data stage's C{message.headers} has only
+    the client's).  A bounded, blocking read of the start of a local file
+    just written (page cache); C{message.headers} if it cannot be read.
+    """
+    try:
+        with message.open() as f:
+            head = f.read(HEAD_LIMIT)
+    except (OSError, ValueError, TypeError):
+        return tuple(message.headers)
+    end = head.find(b"\r\n\r\n")
+    if head.startswith(b"\r\n"):
+        return ()
+    return parse_headers(head[: end + 2] if end >= 0 else head)
+
+
 @implementer(IDataFilter)
 class HeaderRules:
     def __init__(self, rules=(), networks=None, context=None):
+        if isinstance(rules, (str, dict)) or not isinstance(rules, (list, tuple)):
+            raise ValueError("rules: expected [[filter.rules]] tables")
         self.rules = tuple(_rule(r, i) for i, r in enumerate(rules, 1))
         if networks is None:
             networks = context.config.relay.networks if context and context.config else ()
-        self.networks = tuple(ipaddress.ip_network(n, strict=False) if isinstance(n, str) else n
-                              for n in networks)
+        self.networks = _networks(networks)
 
     def outbound(self, session) -> bool:
+        """Mail from an authenticated client or from C{networks}: going out."""
         if session.user:
             return True
         try:
             ip = ipaddress.ip_address(session.client_ip)
         except ValueError:
             return False
-        return any(ip in net for net in self.networks)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.networks)
 
     def data(self, session, envelope, message):
         direction = "outbound" if self.outbound(session) else "inbound"
+        rules = [r for r in self.rules if r.direction in ("any", direction)]
+        if not rules:
+            return None
+        fields = None
         changes = []
-        for rule in self.rules:
-            if rule.direction not in ("any", direction):
-                continue
+        for rule in rules:
             if rule.action == "add":
                 changes.append(AddHeader(rule.name, rule.value))
                 continue
-            matched = [v for v in message.header(rule.name)
-                       if rule.match is None or rule.match.search(v)]
+            if fields is None:
+                fields = read_header_fields(message)
+            lname = rule.name.lower()
+            matched = [v for n, v in fields if n.lower() == lname
+                       and (rule.match is None or rule.match.search(v))]
             if not matched:
                 continue
             if rule.action == "remove":
                 changes.append(RemoveHeader(rule.name, rule.match.pattern if rule.match else None))
-            else:
-                for old in matched:
-                    changes.append(RemoveHeader(rule.name, "^" + re.escape(old.strip()) + "$"))
-                    changes.append(AddHeader(rule.name, rule.match.sub(rule.value, old)
-                                             if rule.match else rule.value))
+                continue
+            for old in dict.fromkeys(matched):  # each distinct value once
+                new = rule.match.sub(rule.value, old) if rule.match else rule.value
+                if new == old:
+                    continue
+                changes.append(RemoveHeader(rule.name, "^" + re.escape(old.strip()) + "$"))
+                changes.extend(AddHeader(rule.name, new) for _ in range(matched.count(old)))
         return Verdict.continue_(*changes) if changes else None

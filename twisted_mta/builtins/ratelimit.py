@@ -33,13 +33,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IConnectFilter, IMailFilter, IRcptFilter
 from twisted_mta.values import Verdict
 
+log = Logger()
 KEYS = ("ip", "sender", "user", "recipient_domain")
 COUNTS = ("connections", "messages", "recipients")
+#: The window of a rule that names none: connections per minute, the rest per hour.
+DEFAULT_WINDOW = {"connections": 60, "messages": 3600, "recipients": 3600}
 MAX_KEYS = 200_000  # per rule; beyond it, the least recently seen go first
 
 
@@ -67,10 +71,12 @@ def _rule(table, i: int) -> Rule:
         raise ValueError(f"{where}.count: expected one of {', '.join(COUNTS)}, got {count!r}")
     if count == "connections" and key != "ip":
         raise ValueError(f"{where}: connections can only be counted per ip")
-    limit, window = table.pop("limit", None), table.pop("window", 3600)
-    for name, value in (("limit", limit), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{where}.{name}: expected a positive number, got {value!r}")
+    limit = table.pop("limit", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"{where}.limit: expected a positive whole number, got {limit!r}")
+    window = table.pop("window", DEFAULT_WINDOW[count])
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
+        raise ValueError(f"{where}.window: expected a positive number of seconds, got {window!r}")
     for extra in table:
         raise ValueError(f"{where}.{extra}: unknown key")
     return Rule(key, count, int(limit), float(window))
@@ -124,18 +130,24 @@ class RateLimit:
 
     def _key(self, rule: Rule, session, envelope=None, recipient=None) -> str | None:
         if rule.key == "user":
-            return session.user
-        if session.user:
-            return None
+            return session.user.lower() if session.user else None
         if rule.key == "ip":
-            return session.client_ip
+            # Authenticated users often share an address (a NAT, a
+            # webmail host): their own limits are the user rules.
+            return None if session.user else session.client_ip
         if rule.key == "sender":
             return str(envelope.sender or "").lower() if envelope is not None else None
         return recipient.domain_key if recipient is not None else None
 
     def _check(self, count: str, session, envelope=None, recipient=None):
+        """
+        Count one C{count} for every rule it falls under, unless one of
+        them is over its limit: then nothing is counted and the answer is
+        that rule and key.  Rules that share a counter (same key, count
+        and window) count once.
+        """
         now = self.reactor.seconds()
-        hits = []
+        hits = {}
         for rule in self.rules:
             if rule.count != count:
                 continue
@@ -144,24 +156,36 @@ class RateLimit:
                 continue
             counter = self.counters[rule.id]
             if counter.value(key, now) + 1 > rule.limit:
+                log.info("ratelimit: {count} per {what} {key} over {limit} in {window:.0f} s "
+                         "session={sid}", count=count, what=rule.key, key=key or "<>",
+                         limit=rule.limit, window=rule.window, sid=session.id)
                 return rule, key
-            hits.append((counter, key))
-        for counter, key in hits:
+            hits[(rule.id, key)] = counter
+        for (_, key), counter in hits.items():
             counter.add(key, now)
         return None
+
+    @staticmethod
+    def _text(rule: Rule, key: str) -> str:
+        whose = {"ip": f"from {key}", "sender": f"from <{key}>", "user": f"from user {key}",
+                 "recipient_domain": f"to {key}"}[rule.key]
+        return f"Rate limit exceeded: too many {rule.count} {whose}, try again later"
 
     def connect(self, session):
         over = self._check("connections", session)
         if over:
-            return Verdict.tempfail(f"Too many connections from {session.client_ip}, try again later", "4.7.0")
+            return Verdict.tempfail(f"Too many connections from {session.client_ip}, "
+                                    "try again later", "4.7.0")
         return None
 
     def mail(self, session, envelope):
-        if self._check("messages", session, envelope):
-            return Verdict.tempfail("Rate limit exceeded, try again later", "4.7.1")
+        over = self._check("messages", session, envelope)
+        if over:
+            return Verdict.tempfail(self._text(*over), "4.7.1")
         return None
 
     def rcpt(self, session, envelope, recipient):
-        if self._check("recipients", session, envelope, recipient):
-            return Verdict.tempfail("Rate limit exceeded, try again later", "4.7.1")
+        over = self._check("recipients", session, envelope, recipient)
+        if over:
+            return Verdict.tempfail(self._text(*over), "4.7.1")
         return None
