@@ -49,6 +49,10 @@ from twisted.names import client, dns, error
 
 log = Logger()
 
+# Every query gets a fresh UDP port (against spoofing), and Twisted logs
+# each one's start and stop: two lines per lookup drown the mail log.
+dns.DNSDatagramProtocol.noisy = False
+
 MAX_HOPS = 20
 MAX_CNAME = 8  # links of a CNAME chain followed, in all
 

@@ -987,6 +987,8 @@ class ConnectionCounter:
 class ESMTPFactory(Factory):
     """Makes an L{ESMTPServer} per connection on one listener."""
 
+    noisy = False  # the service logs what it listens on, once, itself
+
     def __init__(self, context: ServerContext, listen: ListenConfig,
                  counter: ConnectionCounter | None = None):
         self.context = context
