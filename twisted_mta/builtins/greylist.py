@@ -73,7 +73,6 @@ class GreylistStore:
         self.entries: dict[str, list[float]] = {}
         self._heap: list[tuple[float, str]] = []  # (expires, key), possibly stale
         self._appended = 0
-        self._file = None
 
     def load(self, now: float) -> None:
         if self.path.exists():
@@ -110,14 +109,11 @@ class GreylistStore:
         self.entries = {k: v for k, v in self.entries.items() if not self._expired(v, now)}
         self._heap = [(self._expires(v), k) for k, v in self.entries.items()]
         heapq.heapify(self._heap)
-        if self._file is not None:
-            self._file.close()
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             for key, (first, passed) in self.entries.items():
                 f.write(json.dumps([key, first, passed]) + "\n")
         os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
         self._appended = 0
 
     def get(self, key: str, now: float) -> list[float] | None:
@@ -132,15 +128,13 @@ class GreylistStore:
         value = [first, passed]
         self.entries[key] = value
         heapq.heappush(self._heap, (self._expires(value), key))
-        self._file.write(json.dumps([key, first, passed]) + "\n")
+        # Opened for each line: changes are few (a new triplet, a pass, an
+        # hourly renewal), and no file stays open when the server stops.
+        with open(self.path, "a") as f:
+            f.write(json.dumps([key, first, passed]) + "\n")
         self._appended += 1
         if self._appended > 4 * len(self.entries) + 10000:
             self.compact(now)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _seconds(name: str, value, positive: bool = False) -> float:
