@@ -412,7 +412,9 @@ class RateLimitMoreTests(Loaded):
                             ({"key": "ip", "count": "messages", "limit": 1, "window": "1h"},
                              "rules[1].window"),
                             ({"key": "ip", "count": "messages", "limit": 1, "per": 3},
-                             "rules[1].per")):
+                             "rules[1].per"),
+                            ({"key": "recipient_domain", "count": "messages", "limit": 1},
+                             "rules[1]: messages are counted at MAIL")):
             with self.assertRaises(PluginError) as e:
                 self.load("ratelimit", rules=[rule])
             self.assertIn(where, str(e.exception))
@@ -467,7 +469,8 @@ class RecipientsMoreTests(Loaded):
 
 
 class HeadersMoreTests(Loaded):
-    OWN = b"Received: from pc.internal (unknown [10.1.2.3])\r\n\tby mx.example.test (twisted-mta) id X\r\n"
+    OWN = (b"Received: from pc.internal (unknown [10.1.2.3])\r\n"
+           b"\tby mx.example.test (twisted-mta) id X\r\n")
     CLIENT = (b"Received: from laptop by pc.internal\r\nSubject: Re: [EXTERNAL] [EXTERNAL] hi\r\n"
               b"X-Mailer: Foo 1.0\r\nX-Mailer: Foo 1.0\r\n\r\nbody\r\n")
 
@@ -477,7 +480,8 @@ class HeadersMoreTests(Loaded):
         path = self.folder / "stored"
         path.write_bytes(self.OWN + self.CLIENT)
         head = self.CLIENT[: self.CLIENT.index(b"\r\n\r\n") + 2]
-        return Message(size=len(self.OWN + self.CLIENT), headers=parse_headers(head), path=str(path))
+        return Message(size=len(self.OWN + self.CLIENT), headers=parse_headers(head),
+                       path=str(path))
 
     def changes(self, rules, user="ann"):
         plugin = self.load("headers", rules=rules)

@@ -10,18 +10,21 @@ C{greylist}: make unknown senders try again (RFC 6647).
 
 The triplet is the client's network (the /24 of an IPv4 address, the /64
 of an IPv6 one), the envelope sender and the recipient, all in lower case.
-The first attempt of a new triplet gets C{451 4.7.1 Greylisted, please
-try again later}; a retry after C{delay} and within C{window} passes and
-the triplet is then known for C{lifetime} (renewed by each message).
-Authenticated clients, clients in the relay networks and in C{allow}
-are never greylisted.
+The first attempt of a new triplet gets C{451 4.7.1 <rcpt>: Greylisted,
+please try again later} at RCPT; a retry after C{delay} and within
+C{window} passes and the triplet is then known for C{lifetime} (renewed
+by each message).  Authenticated clients, clients in the relay networks
+and in C{allow} are never greylisted.
 
+Time is the reactor's (C{context.reactor.seconds()}), so tests move it.
 State is kept in memory, shared across reloads, and appended to
 C{<spool>/state/greylist.log} as it changes (a page-cache write, no
 fsync: losing the last seconds of it in a power cut only greylists a
-client once more), so it survives restarts; the log is compacted, and
-expired entries pruned, when the state is loaded at start-up and when
-the log has grown far past the live state.
+client once more), so it survives restarts.  Expired triplets (pending
+past C{window}, passed past C{lifetime}) leave memory as soon as they
+expire and the server next looks a triplet up (see L{GreylistStore});
+they leave the log when it is compacted: at start-up, and when it has
+grown far past the live state.
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@ C{headers}: add, remove or rewrite header fields by simple rules.
 
     [[filter.rules]]                 # strip internal hops from mail going out
     direction = "outbound"           # inbound | outbound | any (default)
-    action = "remove"                # add | remove | replace
+    action = "remove"                # add | remove | rewrite
     name = "Received"
     match = 'by [^ ]+\\.internal\\.example\\.test'   # a regex searched in the value; default: any value
 
     [[filter.rules]]
-    action = "replace"
+    action = "rewrite"               # ("replace" is another name for it)
     name = "Subject"
     match = '^\\[EXTERNAL\\] '
-    value = ""                       # replace: re.sub replacement; add: the new field's value
+    value = ""                       # rewrite: re.sub replacement; add: the new field's value
 
     [[filter.rules]]
     direction = "inbound"
@@ -24,7 +24,11 @@ C{headers}: add, remove or rewrite header fields by simple rules.
 
 Outbound mail is mail from an authenticated client or from C{networks}
 (default: the C{[relay] networks}); everything else is inbound.  Rules
-apply in order to the message as received; added fields go on top.
+apply in order to the message as received, this server's own
+C{Received} field included (it is read back from the spool file).  The
+changes are kept with the queued message and applied whenever it is
+read for delivery: added fields, and rewritten ones, go on top of the
+header (the only place the spool adds fields).
 """
 
 from __future__ import annotations

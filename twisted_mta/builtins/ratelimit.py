@@ -9,7 +9,7 @@ or recipient domain, over sliding windows.
     key = "ip"               # ip | sender | user | recipient_domain
     count = "connections"    # connections | messages | recipients
     limit = 60
-    window = 60              # seconds (default 3600)
+    window = 60              # seconds (default: 60 for connections, 3600 otherwise)
 
     [[filter.rules]]
     key = "user"
@@ -18,10 +18,11 @@ or recipient domain, over sliding windows.
 
 What is counted where: connections at connect (key C{ip} only), messages
 at MAIL, recipients at each RCPT.  Over a limit, a connection gets
-C{421 4.7.0} and is closed; a message or recipient gets C{451 4.7.1 Rate
-limit exceeded}, so well-behaved clients retry later.  Refused attempts
-are not counted.  Authenticated sessions are counted under C{user} rules
-only (their IP is shared by many users).
+C{421} and is closed; a message or recipient gets C{451 4.7.1 Rate limit
+exceeded: too many ...}, so well-behaved clients retry later.  Refused
+attempts are not counted.  C{ip} rules skip authenticated sessions
+(users often share an address: C{user} rules limit them); C{sender} and
+C{recipient_domain} rules count every session.
 
 Windows slide: the count is the current fixed window's plus the previous
 one's weighted by how much of it still overlaps (the usual sliding-window
@@ -71,6 +72,9 @@ def _rule(table, i: int) -> Rule:
         raise ValueError(f"{where}.count: expected one of {', '.join(COUNTS)}, got {count!r}")
     if count == "connections" and key != "ip":
         raise ValueError(f"{where}: connections can only be counted per ip")
+    if count == "messages" and key == "recipient_domain":
+        raise ValueError(f"{where}: messages are counted at MAIL, before any recipient; "
+                         "count recipients per recipient_domain")
     limit = table.pop("limit", None)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise ValueError(f"{where}.limit: expected a positive whole number, got {limit!r}")

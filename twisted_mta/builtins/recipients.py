@@ -17,8 +17,12 @@ Each line of the file (and each item of C{addresses}) is one of:
 An unknown recipient in a checked domain gets C{550 5.1.1 <addr>:
 Recipient address rejected: User unknown in local recipient table} at
 RCPT, so the server never accepts mail it would have to bounce.  Aliases
-are expanded (recursively, up to 10 levels) at RCPT, before routing.
-Recipients in other domains are left alone.
+(in any domain) are expanded at RCPT, recursively (up to 10 levels; an
+address met again on its own path is final), into the recipients that
+are queued and routed, local or remote; the client sees one 250.  The
+file is read when the plugin is built: at start-up and on every reload
+(a file that cannot be read or parsed refuses the reload).  Recipients
+in other domains are left alone.
 """
 
 from __future__ import annotations

@@ -9,10 +9,13 @@ stays the one advertised in EHLO SIZE).
     recipients = { "small.example.test" = 1048576 }
     users = { "scanner" = 26214400 }
 
-A client that declares a SIZE over the limit is refused at MAIL (sender
-or user limit) or at RCPT (that recipient's domain); one whose message
-turns out bigger is refused at the end of DATA.  Each refusal is
-C{552 5.3.4 Message size exceeds fixed limit}.
+The sender's limit is its user's when the client has authenticated as a
+listed user, else its envelope sender domain's; each recipient domain's
+limit applies on top.  A client that declares a SIZE over the limit is
+refused at MAIL (sender or user limit) or at RCPT (that recipient's
+domain); one whose message turns out bigger is refused at the end of
+DATA, as a whole (the smallest limit of all its recipients).  Each
+refusal is C{552 5.3.4 Message size exceeds fixed limit}.
 """
 
 from __future__ import annotations
