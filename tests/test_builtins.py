@@ -567,3 +567,21 @@ class SizeMoreTests(Loaded):
         with self.assertRaises(PluginError) as e:
             self.load("size", recipients={"not a domain": 5})
         self.assertIn("recipients.not a domain", str(e.exception))
+
+
+class GreylistRetimeTests(Loaded):
+    def test_reload_with_a_longer_window_keeps_pruning_right(self):
+        first = self.load("greylist", delay=300, window=3600, lifetime=86400)
+        self.run_hook(first, "rcpt", testing.session(client_ip="203.0.113.7"),
+                      testing.envelope("s@far.test"), testing.address("u@example.test"))
+        reloaded = self.load("greylist", delay=300, window=7200, lifetime=86400)
+        store = reloaded.plugin.store
+        self.assertIs(store, first.plugin.store)
+        self.clock.advance(3601)  # past the old window, within the new one
+        self.assertEqual(store.prune(self.clock.seconds()), 0)
+        verdict = self.run_hook(reloaded, "rcpt", testing.session(client_ip="203.0.113.7"),
+                                testing.envelope("s@far.test"), testing.address("u@example.test"))
+        self.assertEqual(verdict.action, Action.CONTINUE)
+        self.clock.advance(86401)
+        self.assertEqual(store.prune(self.clock.seconds()), 1)
+        self.assertEqual(store.entries, {})

@@ -119,6 +119,12 @@ class GreylistStore:
         os.replace(tmp, self.path)
         self._appended = 0
 
+    def retime(self, lifetime: float, window: float, now: float) -> None:
+        """New times (a reload): expiries change, so the heap is rebuilt."""
+        if (lifetime, window) != (self.lifetime, self.window):
+            self.lifetime, self.window = lifetime, window
+            self.compact(now)
+
     def get(self, key: str, now: float) -> list[float] | None:
         self.prune(now)
         value = self.entries.get(key)
@@ -194,7 +200,7 @@ class Greylist:
         # One store per server (kept across reloads); a reload may change
         # the times, which then apply to the triplets already known.
         self.store = context.shared.get(("greylist", str(path)), make_store)
-        self.store.lifetime, self.store.window = self.lifetime, self.window
+        self.store.retime(self.lifetime, self.window, self.reactor.seconds())
 
     def _skipped(self, session) -> bool:
         if session.user:
