@@ -93,6 +93,35 @@ class CheckConfigTests(unittest.TestCase):
         self.write(GOOD)
         self.assertEqual(self.run_script("check-config"), (0, "ok\n", ""))
 
+    def test_script_without_a_command(self):
+        """One usage line on standard error and status 2, as argparse programs do."""
+        self.assertEqual(self.run_script(), (
+            2, "", "usage: twisted-mta [-h] [--config FILE] "
+                   "{check-config,reload,plugins,passwd,queue} ...\n"))
+        self.assertEqual(self.run_script("queue"), (
+            2, "", "usage: twisted-mta queue [-h] [--config FILE] "
+                   "{list,show,flush,delete,hold,release} ...\n"))
+
+    def test_script_usage_errors_one_line(self):
+        for argv, start in ((["queue", "show"], "twisted-mta queue show: the following "
+                             "arguments are required: id; usage: twisted-mta queue show "),
+                            (["frob"], "twisted-mta: argument command: invalid choice: 'frob'"),
+                            (["check-config", "--config"],
+                             "twisted-mta check-config: argument --config: expected one argument")):
+            status, out, err = self.run_script(*argv)
+            self.assertEqual((status, out, err.count("\n")), (2, "", 1), err)
+            self.assertTrue(err.startswith(start), err)
+
+    def test_script_passwd(self):
+        """C{passwd NAME --stdin} writes the [auth] users file."""
+        path = self.write(GOOD + '[auth]\nusers = "users"\n')
+        result = subprocess.run(script() + ["passwd", "alice", "--stdin", "--config", str(path)],
+                                cwd=self.folder, capture_output=True, input=b"s3cret\n",
+                                timeout=120, env=e2e.ServerProcess.environment())
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertIn(b"added alice in ", result.stdout)
+        self.assertTrue((self.folder / "users").read_text().startswith("alice:"))
+
     # --- cli.main -----------------------------------------------------------------
 
     def test_ok_with_certificates(self):

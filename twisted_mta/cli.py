@@ -280,29 +280,43 @@ def cmd_plugins(args) -> int:
     return 0
 
 
-def _users_passwd():
-    """C{twisted_mta.users.passwd}, once that module exists; else C{None}."""
-    try:
-        from twisted_mta import users
-    except ImportError:
-        return None
-    return getattr(users, "passwd", None)
-
-
 def cmd_passwd(args) -> int:
-    return _users_passwd()(args.config, args.name, args.stdin)
+    from twisted_mta import users
+
+    return users.passwd(args.config, args.name, args.stdin)
 
 
 # --- the command line -------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """
+    argparse, but every mistake on the command line is one line on
+    standard error (and status 2), not a usage block and then the error.
+    """
+
+    def usage_line(self) -> str:
+        return " ".join(self.format_usage().split())
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}; {self.usage_line()}\n")
+
+
+class _Usage(Exception):
+    """A command was needed and none was given: show this parser's usage line."""
+
+    def __init__(self, parser: _Parser):
+        self.parser = parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS,
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help="the configuration file (default: mta.toml)")
-    parser = argparse.ArgumentParser(prog="twisted-mta", description="Control twisted-mta.",
-                                     parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="twisted-mta", description="Control twisted-mta.", parents=[common])
+    # Not required=True: without a command, main() prints the usage line alone.
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser.set_defaults(func=_Usage(parser))
     p = sub.add_parser("check-config", parents=[common],
                        help="load the configuration and say what is wrong, or ok")
     p.add_argument("file", nargs="?", help="the file to check (default: --config)")
@@ -317,16 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plugins)
 
-    if _users_passwd() is not None:
-        p = sub.add_parser("passwd", parents=[common],
-                           help="set a user's password in the [auth] users file")
-        p.add_argument("name")
-        p.add_argument("--stdin", action="store_true",
-                       help="read the password from standard input, without asking")
-        p.set_defaults(func=cmd_passwd)
+    p = sub.add_parser("passwd", parents=[common],
+                       help="set a user's password in the [auth] users file")
+    p.add_argument("name")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password from standard input, without asking")
+    p.set_defaults(func=cmd_passwd)
 
     queue = sub.add_parser("queue", parents=[common], help="look at and steer the mail queue")
-    qsub = queue.add_subparsers(dest="queue_command", required=True)
+    qsub = queue.add_subparsers(dest="queue_command", parser_class=_Parser)
+    queue.set_defaults(func=_Usage(queue))
     p = qsub.add_parser("list", parents=[common], help="list the queued messages")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_queue_list)
@@ -351,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if isinstance(args.func, _Usage):
+        print(args.func.parser.usage_line(), file=sys.stderr)
+        return 2
     if not hasattr(args, "config"):
         args.config = "mta.toml"
     try:
