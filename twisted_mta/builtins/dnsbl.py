@@ -35,9 +35,9 @@ then), so the client sees it in an ordinary transaction and the log has
 the sender and recipient:
 
     RCPT TO:<bob@example.test>
-    550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.example.test
+    550 5.7.1 <bob@example.test>: Service unavailable; client [192.0.2.1] blocked using zen.example.test
 
-(the reply code is the server's for a refusal at RCPT).  With C{action =
+(the code and the recipient prefix are the server's for a refusal at RCPT).  With C{action =
 "tag"} nothing is refused; at DATA the message gets one header field per
 zone that counted, C{X-DNSBL: zen.example.test=127.0.0.2}, and header
 fields of that name the client sent are removed.
