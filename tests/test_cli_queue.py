@@ -131,6 +131,28 @@ class LiveTests(CLIMixin, unittest.TestCase):
                               "queue flush: give a message id or --domain, not both")
 
     @defer.inlineCallbacks
+    def test_flush_leaves_held_messages_alone(self):
+        """
+        As C{postqueue -f} leaves the hold queue alone: a flush while a
+        message is held does not make it due, so releasing it later keeps
+        its retry time.
+        """
+        deferred = self.ids[1]
+        next_try = self.mta.delivery.entries[deferred].next_try
+        self.assertGreater(next_try, time.time())
+        yield self.cli("queue", "hold", deferred)
+        out, err, code = yield self.cli("queue", "flush", "--domain", "remote.test")
+        self.assertEqual((out, code), (f"flushed: {self.ids[0]}\n", 0))
+        out, err, code = yield self.cli("queue", "flush")
+        self.assertEqual((out, code), (f"flushed: {self.ids[0]}\n", 0))
+        yield self.cli("queue", "release", deferred)
+        self.assertEqual(self.mta.delivery.entries[deferred].next_try, next_try)
+
+    test_flush_leaves_held_messages_alone.todo = (
+        "DeliveryManager.flush sets next_try = 0 on held entries too (control drops them from "
+        "the answer only), so a released message is tried at once")
+
+    @defer.inlineCallbacks
     def test_delete(self):
         out, err, code = yield self.cli("queue", "delete", self.ids[0])
         self.assertEqual((out, err, code), (f"deleted: {self.ids[0]}\n", "", 0))

@@ -357,6 +357,14 @@ class QueueTests(AdminMixin, unittest.TestCase):
                          (1, "", f"twisted-mta: no such message: {c}\n"))
         live = self.queue()
 
+        # Each change is logged with its id; asking is not logged at all.
+        log = self.site.log_path.read_text()
+        for line in (f"{a}: held by the administrator", f"{a}: released by the administrator",
+                     f"{c}: deleted by the administrator", "control: flush all: 2 messages",
+                     f"control: flush {b}: 1 message due now", "control: flush domain one.test: 2 "):
+            self.assertIn(line, log)
+        self.assertNotIn("ControlProtocol", log)
+
         # The server stops: list and show read the spool folder, changes are refused.
         self.assertEqual(self.server.stop(), 0)
         socket_path = self.folder / "spool" / "control.sock"

@@ -248,6 +248,15 @@ class ControlProtocol(amp.AMP):
         super().__init__()
         self.mta = mta
 
+    # AMP logs every connection made and lost (two lines per twisted-mta
+    # command); the commands that change something log what they did.
+    def makeConnection(self, transport):
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
     def _entry(self, queue_id):
         entry = self.mta.delivery.entries.get(check_queue_id(queue_id))
         if entry is None:
@@ -295,8 +304,9 @@ class ControlProtocol(amp.AMP):
         ids = self.mta.delivery.flush(queue_id=id, domain=domain)
         entries = self.mta.delivery.entries
         ids = [i for i in ids if i in entries and not entries[i].held]
-        log.info("control: flush {what}: {n} messages due now",
-                 what=id or (domain and f"domain {domain}") or "all", n=len(ids))
+        log.info("control: flush {what}: {n} message{s} due now",
+                 what=id or (domain and f"domain {domain}") or "all", n=len(ids),
+                 s="" if len(ids) == 1 else "s")
         return {"ids": ids}
 
     @QueueDelete.responder
