@@ -997,7 +997,7 @@ class FilterTests(ServerTestCase):
             ("rcpt", Verdict.reject("full", "5.2.2"), 552, "5.2.2"),
             ("mail", Verdict.reject("Go away", "5.7.26"), 550, "5.7.26"),
             ("mail", Verdict.tempfail(), 451, "4.7.1"),
-            ("rcpt", Verdict.reject(), 550, "5.7.1"),
+            ("rcpt", Verdict.reject(), 554, "5.7.1"),
             ("rcpt", Verdict.reject("No such user", "5.1.1"), 550, "5.1.1"),
             ("rcpt", Verdict.tempfail(), 451, "4.7.1"),
             ("rcpt", Verdict.tempfail("Greylisted", "4.7.10"), 451, "4.7.10"),
@@ -1173,7 +1173,7 @@ class PipeliningTests(ServerTestCase):
         self.assertEqual(len(judge.waiting), 2)
 
         judge.waiting[1][1].callback(Verdict.reject("Not today"))
-        self.assertReplies(conn.take(), [(550, "5.7.1"), (250, "2.1.5")])
+        self.assertReplies(conn.take(), [(554, "5.7.1"), (250, "2.1.5")])
         self.assertEqual(conn.transport.producerState, "paused")
 
         judge.waiting[2][1].callback(None)
