@@ -304,6 +304,10 @@ class Server:
                 self.proc.wait(5)
         self.proc = None
         self.root_pid = None
+        refuser = getattr(self, "_refuser", None)
+        if refuser is not None:
+            refuser.close()
+            self._refuser = None
 
     def cleanup(self) -> None:
         if self.tmp is not None and not self.keep:
@@ -314,9 +318,14 @@ class Server:
 class TwistedMTA(Server):
     """
     twistd -n mta.  Modes (where accepted mail goes):
-      queue   recipients in a non-local domain, routed by MX, for which no
-              delivery agent exists yet: every message gets one delivery
-              attempt, is deferred (state file written) and stays queued
+      queue   recipients in a non-local domain, routed by a [[route]] via
+              "smtp" to a loopback port that refuses connections (a bound
+              socket that never listens, held by the runner): every message
+              gets one delivery attempt, is deferred ("451 4.4.1 ...
+              Connection refused", state file written) and stays queued,
+              like Postfix's defer_transports.  No DNS: the MX route would
+              get NXDOMAIN for remote.bench.invalid and bounce every
+              message, a different workload from Postfix's.
       discard a [[route]] with via = "discard": delivered at once, removed
       maildir recipients in a local domain, delivered into Maildirs
       relay   a [[route]] via = "smtp" to a sink (the relay benchmark)
@@ -334,6 +343,7 @@ class TwistedMTA(Server):
         self.twistd = twistd or find_twistd()
         self.python_path = python_path
         self.relay_port = relay_port
+        self._refuser: socket.socket | None = None
         if mode == "maildir":
             self.rcpt_domain = "bench.test"
 
@@ -364,8 +374,17 @@ class TwistedMTA(Server):
         elif self.mode == "relay":
             lines += ["[[route]]", 'domains = ["*"]', 'via = "smtp"', 'host = "127.0.0.1"',
                       f"port = {self.relay_port}", 'tls = "none"']
-        # queue: no [[route]]: local domains to Maildirs, the rest by MX
+        else:  # queue: one attempt, refused, deferred, stays queued
+            lines += ["[[route]]", 'domains = ["*"]', 'via = "smtp"', 'host = "127.0.0.1"',
+                      f"port = {self._refused_port()}", 'tls = "none"']
         return "\n".join(lines) + "\n"
+
+    def _refused_port(self) -> int:
+        """A loopback port bound (so nobody else takes it) but never listening: connect() is refused."""
+        if self._refuser is None:
+            self._refuser = socket.socket()
+            self._refuser.bind(("127.0.0.1", 0))
+        return self._refuser.getsockname()[1]
 
     def start(self) -> int:
         self._mktemp()

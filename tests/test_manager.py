@@ -116,6 +116,54 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertFalse(self.spool.message_path(entry.id).exists())
         self.assertEqual(sorted(self.observed), [("delivered", "a@example.test"), ("delivered", "b@void.test")])
 
+    def spy_saves(self):
+        """Record each save as (queue id, sync) and each removal as (queue id, 'remove')."""
+        calls = []
+        save, remove = self.spool.save, self.spool.remove
+
+        def spy_save(entry, sync=True):
+            calls.append((entry.id, sync))
+            return save(entry, sync=sync)
+
+        def spy_remove(queue_id):
+            calls.append((queue_id, "remove"))
+            return remove(queue_id)
+        self.spool.save, self.spool.remove = spy_save, spy_remove
+        return calls
+
+    def test_delivered_message_is_removed_without_a_save(self):
+        calls = self.spy_saves()
+        entry = self.queue("a@example.test", "b@void.test")
+        self.clock.advance(0)
+        self.assertEqual(calls, [(entry.id, "remove")])
+
+    def test_deferral_alone_is_saved_without_a_sync(self):
+        calls = self.spy_saves()
+        self.mx.script["b@far.test"] = ("deferred", "451 4.3.0 later")
+        entry = self.queue("b@far.test")
+        self.clock.advance(0)
+        self.assertEqual(calls, [(entry.id, False)])
+        self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 1)
+
+    def test_final_recipient_hold_or_delay_dsn_is_saved_with_a_sync(self):
+        calls = self.spy_saves()
+        self.mx.script["b@far.test"] = ("deferred", "451 4.3.0 later")
+        partly = self.queue("a@example.test", "b@far.test")
+        self.clock.advance(0)
+        self.assertEqual(calls, [(partly.id, True)])  # a@ is delivered: not to be repeated
+        self.clock.advance(300)  # b@ deferred again; a@ stays delivered
+        self.assertEqual(calls[-1], (partly.id, True))
+        self.successResultOf(self.manager.hold(partly.id))
+        self.assertEqual(calls[-1], (partly.id, True))
+        del calls[:]
+        self.config = make_config(self.folder, route=ROUTES, delivery={"delay_warning": 100})
+        warned = self.queue("b@far.test")
+        self.clock.advance(0)
+        self.assertEqual(calls, [(warned.id, False)])
+        self.clock.advance(300)  # the delay DSN goes out: not to be sent twice
+        self.assertEqual(self.bouncer.delayed, [(warned.id, ["b@far.test"])])
+        self.assertEqual(calls[-1], (warned.id, True))
+
     def test_split_by_route_and_grouped_by_next_hop(self):
         self.queue("a@example.test", "b@far.test", "c@far.test", "d@other.test")
         self.clock.advance(0)

@@ -5,14 +5,20 @@ saves, removal, reading a message back with header changes.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from twisted_mta.spool.entry import QueueEntry, RecipientState
-from twisted_mta.spool.store import Spool, new_queue_id
+from twisted_mta.spool.store import Spool, _trailer, new_queue_id
 
 MESSAGE = b"Received: x\r\nSubject: hi\r\nX-Drop: a\r\n  folded\r\nTo: u@example.test\r\n\r\nbody\r\n"
 
@@ -118,6 +124,86 @@ class SpoolTests(unittest.SynchronousTestCase):
         self.assertEqual(ids, sorted(ids))
         self.assertEqual(len(set(new_queue_id(5.0) for _ in range(1000))), 1000)
 
+    def test_leftover_incoming_files_removed_at_start(self):
+        # What a crash leaves in incoming/: files made ahead of need, a
+        # message half received, and one whose commit record was written
+        # but whose rename into queue/ never happened (never acknowledged).
+        incoming = self.spool.incoming
+        (incoming / "0123abcd").write_bytes(b"")
+        (incoming / "4567abcd").write_bytes(MESSAGE[:20])
+        env = QueueEntry(id="x", sender="", recipients=[RecipientState("u@example.test")],
+                         arrival=1.0).to_json()
+        (incoming / "89abcdef").write_bytes(MESSAGE + env + _trailer(env))
+        self.assertEqual(Spool(self.path, inline=True).prepare(), [])
+        self.assertEqual(os.listdir(incoming), [])
+        self.assertEqual(os.listdir(self.spool.queue), [])
+
+    def test_message_is_received_in_incoming_and_committed_into_queue(self):
+        incoming = self.spool.new_message()
+        self.assertEqual(incoming.path.parent, self.spool.incoming)
+        incoming.write(MESSAGE)
+        incoming.flush()
+        self.assertEqual(incoming.path.read_bytes(), MESSAGE)  # data filters read it by path
+        self.successResultOf(self.spool.commit(incoming, entry_for(incoming)))
+        self.assertEqual(incoming.path, self.spool.message_path(incoming.id))
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+        self.assertEqual(os.listdir(self.spool.queue), [incoming.id])
+
+    def test_torn_state_file_is_ignored(self):
+        # An unsynced deferral save cut short by a power loss: the last
+        # good state (here: the envelope) is the state to go on, and the
+        # torn file goes at start-up.
+        entry = self.receive()
+        entry.recipients[0].state = "deferred"
+        entry.recipients[0].attempts = 3
+        self.successResultOf(self.spool.save(entry, sync=False))
+        state = self.spool.queue / (entry.id + ".state")
+        whole = state.read_bytes()
+        for torn in (b"", whole[:10], whole[:-1], whole.replace(b'"attempts":3', b'"attempts":4')):
+            state.write_bytes(torn)
+            self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 0, torn)
+            recovered = Spool(self.path, inline=True).prepare()
+            self.assertEqual([e.recipients[0].attempts for e in recovered], [0])
+            self.assertEqual(os.listdir(self.spool.queue), [entry.id])
+        state.write_bytes(whole)
+        self.assertEqual(Spool(self.path, inline=True).prepare()[0].recipients[0].attempts, 3)
+
+    def test_state_file_without_header_is_still_read(self):
+        entry = self.receive()
+        entry.recipients[0].attempts = 5
+        (self.spool.queue / (entry.id + ".state")).write_bytes(entry.to_json())
+        self.assertEqual(Spool(self.path, inline=True).prepare()[0].recipients[0].attempts, 5)
+
+    def test_unsynced_save_is_read_back(self):
+        entry = self.receive()
+        entry.recipients[0].state = "deferred"
+        entry.recipients[0].attempts = 1
+        self.successResultOf(self.spool.save(entry, sync=False))
+        self.assertEqual(Spool(self.path, inline=True).prepare()[0].recipients[0].attempts, 1)
+
+    def test_new_ids_sort_after_recovered_ones(self):
+        # The clock went back an hour between two runs.
+        self.spool.new_id = lambda: new_queue_id(time.time() + 3600)
+        future = self.receive()
+        spool = Spool(self.path, inline=True)
+        spool.prepare()
+        ids = [spool.new_id() for _ in range(100)]
+        self.assertEqual(len(set(ids)), 100)
+        self.assertEqual(ids, sorted(ids))
+        self.assertGreater(ids[0], future.id)
+
+    def test_to_json_has_every_field(self):
+        entry = QueueEntry(
+            id="i", sender="s@example.test", arrival=2.5, size=7, body="8BITMIME", smtputf8=True,
+            recipients=[RecipientState("u@example.test", "deferred", 2, 9.5, "451 x",
+                                       {"via": "smtp", "host": "h"}, "o@example.test", "mx[1]")],
+            client={"ip": "192.0.2.1", "helo": "h", "tls": None, "user": "ü"},
+            add_headers=[["X-A", "b"]], remove_headers=[["x-drop", None]],
+            held=True, delay_warned=True, bounce=True)
+        self.assertEqual(entry.to_json(), json.dumps(asdict(entry), separators=(",", ":"),
+                                                     ensure_ascii=False).encode("utf-8"))
+        self.assertEqual(QueueEntry.from_json(entry.to_json()), entry)
+
 
 class ThreadedSpoolTests(unittest.TestCase):
     """The real thing: syncs in threads, batched."""
@@ -156,6 +242,97 @@ class ThreadedSpoolTests(unittest.TestCase):
             yield spool.commit(incoming, entry)
         self.assertFalse(incoming.path.exists())
         self.flushLoggedErrors(OSError)
+
+    @defer.inlineCallbacks
+    def test_files_are_made_ahead_and_removed_at_stop(self):
+        path = Path(self.mktemp())
+        spool = Spool(path, pool_size=8)
+        spool.prepare()
+        first = spool.new_message()  # the pool was empty: made on the spot
+        spool._pool._refill.result()  # wait for the thread to fill it
+        self.assertEqual(len(os.listdir(spool.incoming)), 1 + 8)
+        second = spool.new_message()
+        self.assertEqual(spool._pool.misses, 1)
+        self.assertNotEqual(first.path, second.path)
+        second.write(MESSAGE)
+        yield spool.commit(second, entry_for(second))
+        first.abort()
+        spool.stop()
+        self.assertEqual(os.listdir(spool.incoming), [])
+        self.assertEqual(os.listdir(spool.queue), [second.id])
+
+    @defer.inlineCallbacks
+    def test_saves_and_removal_land_in_the_order_asked(self):
+        path = Path(self.mktemp())
+        spool = Spool(path)
+        self.addCleanup(spool.stop)
+        spool.prepare()
+        incoming = spool.new_message()
+        incoming.write(MESSAGE)
+        entry = entry_for(incoming)
+        yield spool.commit(incoming, entry)
+        saves = []
+        for attempts in range(1, 21):
+            entry.recipients[0].attempts = attempts
+            saves.append(spool.save(entry, sync=attempts % 3 == 0))
+        yield defer.gatherResults(saves)
+        self.assertEqual(spool.load(entry.id).recipients[0].attempts, 20)
+        entry.recipients[0].attempts = 21
+        last = [spool.save(entry, sync=False), spool.remove(entry.id)]
+        yield defer.gatherResults(last)
+        self.assertEqual(os.listdir(spool.queue), [])
+        self.assertEqual(spool._tails, {})
+
+    def test_kill_9_recovers_exactly_the_acknowledged(self):
+        """
+        A real process commits messages with the threaded spool, saves a
+        deferral without a sync, starts one more message, and is killed
+        with SIGKILL: exactly the committed messages come back, with the
+        saved state, and nothing is left in incoming/.
+        """
+        path = Path(self.mktemp()).absolute()
+        child = textwrap.dedent(f"""
+            import os, signal, sys
+            from twisted.internet import defer, reactor
+            from twisted_mta.spool.entry import QueueEntry, RecipientState
+            from twisted_mta.spool.store import Spool
+            spool = Spool({str(path)!r})
+            spool.prepare()
+
+            @defer.inlineCallbacks
+            def run():
+                entries = []
+                for i in range(20):
+                    incoming = spool.new_message()
+                    incoming.write(b"Subject: %d\\r\\n\\r\\nbody\\r\\n" % i)
+                    entry = QueueEntry(id=incoming.id, sender="s@example.test",
+                                       recipients=[RecipientState("u@example.test")],
+                                       arrival=1.0, size=incoming.size)
+                    entries.append(entry)
+                    yield spool.commit(incoming, entry)
+                entries[0].recipients[0].state = "deferred"
+                entries[0].recipients[0].attempts = 1
+                yield spool.save(entries[0], sync=False)
+                yield spool.remove(entries[1].id)
+                half = spool.new_message()
+                half.write(b"Subject: half\\r\\n\\r\\nno end")
+                half.flush()
+                print(" ".join(e.id for e in entries[2:]), entries[0].id, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            reactor.callWhenRunning(run)
+            reactor.run()
+        """)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        done = subprocess.run([sys.executable, "-c", child], capture_output=True, env=env,
+                              cwd=str(Path(__file__).parent.parent), timeout=120)
+        self.assertEqual(done.returncode, -9, done.stderr.decode())
+        *committed, saved = done.stdout.decode().split()
+        self.assertTrue(os.listdir(path / "incoming"))  # the half message, files made ahead
+        recovered = {e.id: e for e in Spool(path, inline=True).prepare()}
+        self.assertEqual(sorted(recovered), sorted(committed + [saved]))
+        self.assertEqual(recovered[saved].recipients[0].attempts, 1)
+        self.assertEqual(os.listdir(path / "incoming"), [])
 
 
 class DropFieldsTests(unittest.SynchronousTestCase):

@@ -48,7 +48,19 @@ def mailbox_folder(address: str) -> str:
 def _unique_name() -> str:
     now = time.time()
     return (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{next(_counter)}."
-            f"{socket.gethostname().replace('/', '_').replace(':', '_')}")
+            f"{_host()}")
+
+
+_hostname: tuple[float, str] = (0.0, "")
+
+
+def _host() -> str:
+    """The host name for file names (looked up at most once a minute)."""
+    global _hostname
+    now = time.monotonic()
+    if not _hostname[1] or now - _hostname[0] > 60:
+        _hostname = (now, socket.gethostname().replace("/", "_").replace(":", "_"))
+    return _hostname[1]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,6 +86,9 @@ class MaildirAgent:
         self.spool = spool
         self.reactor = reactor
         self.threadpool = threadpool or reactor.getThreadPool()
+        #: Maildirs known to exist (made or seen by us), so each delivery
+        #: does not ask the file system again
+        self._made: set[Path] = set()
 
     def deliver(self, entry: QueueEntry, route, recipients: list[RecipientState]):
         return deferToThreadPool(self.reactor, self.threadpool,
@@ -93,7 +108,19 @@ class MaildirAgent:
         return outcomes
 
     def _write(self, entry: QueueEntry, folder: Path, address: str) -> str:
-        ensure_maildir(folder)
+        if folder not in self._made:
+            ensure_maildir(folder)
+            self._made.add(folder)
+        try:
+            return self._write_in(entry, folder, address)
+        except FileNotFoundError:
+            # Removed behind our back since we made it: make it again, once.
+            self._made.discard(folder)
+            ensure_maildir(folder)
+            self._made.add(folder)
+            return self._write_in(entry, folder, address)
+
+    def _write_in(self, entry: QueueEntry, folder: Path, address: str) -> str:
         name = _unique_name()
         tmp = folder / "tmp" / name
         trace = f"Return-Path: <{entry.sender}>\r\nDelivered-To: {address}\r\n".encode("utf-8")

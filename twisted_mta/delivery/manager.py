@@ -15,6 +15,9 @@ Rules (Postfix's, where the issue is silent):
   - The DSN is made durable before the failure is recorded, and the
     outcome is recorded before the message leaves the spool, so a crash
     at any point repeats work rather than losing it (at-least-once).
+    A state that only records deferrals is saved without a sync, and a
+    message that leaves the spool is unlinked without one: a crash then
+    only brings an attempt sooner or delivers again.
   - At most C{max_per_destination} deliveries run at once per next hop and
     C{max_connections} in all.
 """
@@ -267,12 +270,25 @@ class DeliveryManager(Service):
                 await self.bouncer.delay(entry, deferred)
                 entry.delay_warned = True
         if entry.done:
+            # No save first: the message leaves the spool, and the unlink
+            # need not be synced (a crash that undoes it delivers again).
             await self.spool.remove(entry.id)
             self.entries.pop(entry.id, None)
             log.info("{id}: removed", id=entry.id)
         else:
-            await self.spool.save(entry)
+            await self.spool.save(entry, sync=self._must_sync(entry))
         self._notify(entry, outcomes)
+
+    @staticmethod
+    def _must_sync(entry: QueueEntry) -> bool:
+        """
+        Whether C{entry}'s state must be durable before we go on.  Not when
+        all it records is deferrals (attempts, next try, last reply): a
+        crash that loses it only brings the next attempt sooner.  A final
+        recipient (a delivery or a DSN not to repeat), a delay DSN sent or
+        a hold must be: losing them would repeat what someone has seen.
+        """
+        return entry.held or entry.delay_warned or any(r.final for r in entry.recipients)
 
     def _notify(self, entry: QueueEntry, outcomes: list[Outcome]) -> None:
         observers = self.observers()

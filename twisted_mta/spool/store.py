@@ -3,21 +3,38 @@ The durable queue.
 
 Layout under the spool folder::
 
+    incoming/<name>    files made ahead of need, and messages being received
     queue/<id>         the message as received, then its envelope (JSON),
                        then a trailer line: the commit record
-    queue/<id>.state   the entry as last saved, once delivery has changed it
+    queue/<id>.state   the entry as last saved, once delivery has changed it:
+                       a header line (C{TMTA1S <length> <crc32>}), then JSON
     queue/*.tmp        a state file being written
     corrupt/           entries that could not be read, kept for a human
 
-A message is written to C{queue/<id>} as it arrives.  Accepting it appends
-the envelope and the trailer (C{TMTA1 <envelope length> <crc32>}), then
-one C{fdatasync} of the file and one C{fsync} of the folder make it
-durable; only then does the server say 250.  A file without a valid
-trailer was never acknowledged and is removed at start-up.
+A message is written to a file in C{incoming/} as it arrives.  Those
+files are created (and opened) ahead of need by a thread, a few at a
+time, because creating a file waits for the file system's journal, which
+the fsyncs of the queue keep busy: the reactor only takes one that is
+ready.  Accepting a message appends the envelope and the trailer
+(C{TMTA1 <envelope length> <crc32>}), then, in a thread, one
+C{fdatasync} of the file, its rename to C{queue/<id>} and one C{fsync}
+of C{queue/} make it durable; only then does the server say 250.
+Everything in C{incoming/} was never acknowledged and is removed at
+start-up, and so is a file in C{queue/} without a valid trailer.
 
 Durability work runs in threads, never on the reactor thread, and is
 grouped: every request that arrives while a batch is syncing joins the
 next batch, whose files are synced in parallel and share one folder sync.
+
+What need not be durable is not synced and does not wait in that line:
+removing a message (a crash before the unlink reaches the disk brings
+it back, and it is delivered again: at-least-once), and a state save
+that only records a deferral (L{Spool.save} with C{sync=False}: a crash
+that loses it makes the next attempt come sooner).  Such a save can be
+left empty or cut short by a power cut: a state file that is empty or
+does not match its header is ignored (the envelope, or the last good
+state, is what counts) and removed at start-up.  Writes to one entry's
+files happen in the order they were asked for.
 """
 
 from __future__ import annotations
@@ -25,13 +42,15 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 import time
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -51,16 +70,61 @@ def new_queue_id(now: float | None = None) -> str:
     arrival) and random characters, from an alphabet without vowels, as
     Postfix's long ids are.
     """
-    micros = int((time.time() if now is None else now) * 1_000_000)
-    out = []
+    return _queue_id(int((time.time() if now is None else now) * 1_000_000))
+
+
+def _queue_id(micros: int) -> str:
+    base = len(_ALPHABET)
+    stamp = []
     while micros:
-        micros, digit = divmod(micros, len(_ALPHABET))
-        out.append(_ALPHABET[digit])
-    return "".join(reversed(out)) + "".join(secrets.choice(_ALPHABET) for _ in range(5))
+        micros, digit = divmod(micros, base)
+        stamp.append(_ALPHABET[digit])
+    stamp.reverse()
+    # Five random characters from one system call (52**5 < 2**40).
+    rand = int.from_bytes(os.urandom(5), "big")
+    for _ in range(5):
+        rand, digit = divmod(rand, base)
+        stamp.append(_ALPHABET[digit])
+    return "".join(stamp)
+
+
+def _id_micros(queue_id: str) -> int:
+    """The time part of a queue id, in microseconds (0 if it is not an id)."""
+    micros = 0
+    for c in queue_id[:-5]:
+        digit = _ALPHABET.find(c)
+        if digit < 0:
+            return 0
+        micros = micros * len(_ALPHABET) + digit
+    return micros
 
 
 def _trailer(envelope: bytes) -> bytes:
     return b"%s%010d %08x\n" % (_TRAILER_MAGIC, len(envelope), zlib.crc32(envelope))
+
+
+_STATE_MAGIC = b"TMTA1S "
+
+
+def _state_record(data: bytes) -> bytes:
+    """A state file's contents: a header that tells a whole save from a torn one, and the JSON."""
+    return b"%s%d %08x\n%s" % (_STATE_MAGIC, len(data), zlib.crc32(data), data)
+
+
+def _state_json(raw: bytes) -> bytes | None:
+    """The JSON of a state file's contents; None if the save was torn (or is empty)."""
+    if not raw.startswith(_STATE_MAGIC):
+        # Empty: an unsynced save lost in a power cut.  Otherwise plain
+        # JSON, as state files were written before the header.
+        return raw or None
+    header, _, data = raw.partition(b"\n")
+    try:
+        length_text, crc_text = header[len(_STATE_MAGIC):].split(b" ")
+        if int(length_text) != len(data) or int(crc_text, 16) != zlib.crc32(data):
+            return None
+    except ValueError:
+        return None
+    return data
 
 
 class SpoolError(Exception):
@@ -71,15 +135,17 @@ class Incoming:
     """
     A message being received into the spool.  L{write} appends message
     bytes (to the page cache: it does not wait for the disk).  Hand it to
-    L{Spool.commit} to make it durable, or L{abort} it.
+    L{Spool.commit} to make it durable, or L{abort} it.  C{path} is where
+    the file is now: in C{incoming/} until it is committed.
     """
 
-    def __init__(self, spool: "Spool", queue_id: str, path: Path):
+    def __init__(self, spool: "Spool", queue_id: str, path: Path, file):
         self.spool = spool
         self.id = queue_id
         self.path = path
         self.size = 0
-        self._file = open(path, "xb")
+        self._file = file
+        self._aborted = False
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -91,12 +157,82 @@ class Incoming:
 
     def abort(self) -> None:
         """Drop the message: nothing of it stays in the spool."""
-        if not self._file.closed:
-            self._file.close()
+        if self._aborted:
+            return
+        self._aborted = True
+        f, path = self._file, self.path
+
+        def job() -> None:
+            if not f.closed:
+                f.close()
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+        # Closing and unlinking wait for the journal too: not on the reactor.
+        self.spool._io(job).addErrback(
+            lambda failure: log.failure("spool: could not remove {path}", failure, path=str(path)))
+
+
+class _FilePool:
+    """
+    Files in C{incoming/}, created and opened by a thread ahead of need.
+    L{take} is called on the reactor thread and never touches the disk
+    unless the pool ran dry (then it creates one file itself, as a last
+    resort, and counts it in C{misses}).
+    """
+
+    def __init__(self, folder: Path, executor: ThreadPoolExecutor | None, size: int = 32):
+        self.folder = folder
+        self.size = size
+        self._executor = executor  # None: create on demand (inline spools)
+        self._ready: deque = deque()  # appended by the thread, taken by the reactor
+        self._refill: Future | None = None
+        self._closed = False
+        self.misses = 0
+
+    def _create(self) -> tuple[Path, object]:
+        while True:
+            path = self.folder / secrets.token_hex(8)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileExistsError:
+                continue
+            return path, open(fd, "wb")
+
+    def _fill(self, n: int) -> None:
+        for _ in range(n):
+            if self._closed:
+                return
+            self._ready.append(self._create())
+
+    def take(self) -> tuple[Path, object]:
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            item = self._ready.popleft()
+        except IndexError:
+            item = None
+        if self._executor is not None and not self._closed and (
+                self._refill is None or self._refill.done()):
+            want = self.size - len(self._ready)
+            if want > self.size // 4:
+                self._refill = self._executor.submit(self._fill, want)
+        if item is None:
+            if self._executor is not None:
+                self.misses += 1
+            item = self._create()
+        return item
+
+    def close(self) -> None:
+        """Close and remove the files not taken (after the thread stopped)."""
+        self._closed = True
+        while self._ready:
+            path, f = self._ready.popleft()
+            f.close()
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 class _GroupSync:
@@ -188,18 +324,31 @@ class Spool:
     file operations.
     """
 
-    def __init__(self, path: str | os.PathLike, reactor=None, inline: bool = False):
+    def __init__(self, path: str | os.PathLike, reactor=None, inline: bool = False,
+                 pool_size: int = 32):
         """
-        @param inline: do the durability work on the calling thread, at
-            once (for deterministic unit tests; never in the server).
+        @param inline: do the disk work on the calling thread, at once (for
+            deterministic unit tests and tools; never in the server).
+        @param pool_size: how many files to keep created in C{incoming/}
+            ahead of need.
         """
         if reactor is None:
             from twisted.internet import reactor
         self.path = Path(path)
         self.queue = self.path / "queue"
+        self.incoming = self.path / "incoming"
         self.corrupt = self.path / "corrupt"
         self._reactor = reactor
+        self._inline = inline
         self._sync = _GroupSync(reactor, inline=inline)
+        # Disk work that is not waited on for durability: file creation
+        # ahead of need, unlinks, deferral saves.
+        self._io_threads = None if inline else ThreadPoolExecutor(
+            2, thread_name_prefix="spool-io")
+        self._pool = _FilePool(self.incoming, self._io_threads, pool_size)
+        self._tails: dict[str, Deferred] = {}
+        self._last_micros = 0
+        self._id_lock = threading.Lock()
 
     # --- start-up -----------------------------------------------------------
 
@@ -209,8 +358,12 @@ class Spool:
         return every committed entry.  Blocking: called once at start-up,
         before the server listens.
         """
-        for folder in (self.path, self.queue, self.corrupt):
+        for folder in (self.path, self.queue, self.incoming, self.corrupt):
             folder.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(self.incoming):
+            # Files made ahead of need, or messages whose commit never
+            # finished: none of them was acknowledged.
+            (self.incoming / name).unlink()
         entries = []
         names = set(os.listdir(self.queue))
         for name in sorted(names):
@@ -221,6 +374,11 @@ class Spool:
             elif name.endswith(".state"):
                 if name[: -len(".state")] not in names:
                     path.unlink()
+                elif path.exists() and _state_json(path.read_bytes()) is None:
+                    # An unsynced deferral save torn by a power cut (load()
+                    # ignored it).  exists(): quarantine may have moved it.
+                    path.unlink()
+                    log.info("spool: removed torn state file {name}", name=name)
             else:
                 try:
                     entry = self.load(name)
@@ -232,6 +390,9 @@ class Spool:
                         self._quarantine(name, str(e))
                     continue
                 entries.append(entry)
+        # New ids sort after (and so never equal) those of a previous run,
+        # even if the clock went back.
+        self._last_micros = max([self._last_micros] + [_id_micros(e.id) for e in entries])
         return entries
 
     def _quarantine(self, name: str, why: str) -> None:
@@ -244,14 +405,21 @@ class Spool:
 
     # --- receiving ----------------------------------------------------------
 
+    def new_id(self) -> str:
+        """
+        A queue id no other message of this spool has: ids from one
+        process have strictly increasing times, and start after the
+        newest one found by L{prepare}.
+        """
+        with self._id_lock:
+            micros = max(int(time.time() * 1_000_000), self._last_micros + 1)
+            self._last_micros = micros
+        return _queue_id(micros)
+
     def new_message(self) -> Incoming:
         """Start a new message file; its id is L{Incoming.id}."""
-        while True:
-            queue_id = new_queue_id()
-            try:
-                return Incoming(self, queue_id, self.queue / queue_id)
-            except FileExistsError:
-                continue
+        path, f = self._pool.take()
+        return Incoming(self, self.new_id(), path, f)
 
     def commit(self, incoming: Incoming, entry: QueueEntry) -> Deferred:
         """
@@ -260,17 +428,27 @@ class Spool:
         fails, the message was not accepted and its file is removed.
         """
         envelope = entry.to_json()
+        record = envelope + _trailer(envelope)
         f = incoming._file
-        f.write(envelope)
-        f.write(_trailer(envelope))
-        f.flush()
-        fd = f.fileno()
+        final = self.queue / incoming.id
 
         def job() -> None:
             try:
-                os.fdatasync(fd)
-            finally:
-                f.close()
+                try:
+                    f.write(record)
+                    f.flush()
+                    os.fdatasync(f.fileno())
+                finally:
+                    f.close()
+                # The id is this spool's alone (see new_id): nothing is replaced.
+                os.rename(incoming.path, final)
+            except BaseException:
+                try:
+                    incoming.path.unlink()
+                except OSError:
+                    pass
+                raise
+            incoming.path = final
 
         d = self._sync.submit(job, self.queue)
 
@@ -296,8 +474,14 @@ class Spool:
         try:
             with open(self.queue / queue_id, "rb") as f:
                 size, envelope = self._read_commit(f)
-            if state.exists():
-                envelope = state.read_bytes()
+            try:
+                saved = _state_json(state.read_bytes())
+            except FileNotFoundError:
+                saved = None
+            if saved is not None:
+                envelope = saved
+            # else: none, or an unsynced save torn by a power cut; the
+            # envelope is the state to go on
             entry = QueueEntry.from_json(envelope)
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such queue entry")
@@ -374,26 +558,36 @@ class Spool:
 
     # --- changing -----------------------------------------------------------
 
-    def save(self, entry: QueueEntry) -> Deferred:
-        """Make C{entry}'s current state durable (replacing the last one)."""
+    def save(self, entry: QueueEntry, sync: bool = True) -> Deferred:
+        """
+        Save C{entry}'s current state (replacing the last one).  With
+        C{sync}, the Deferred fires once it is durable.  Without, it fires
+        once the state is written, not synced: for a state whose loss in
+        a crash costs nothing but an earlier retry (no recipient final, no
+        flag set: see the module docstring).
+        """
         final = self.queue / (entry.id + ".state")
         tmp = self.queue / (entry.id + ".state.tmp")
-        data = entry.to_json()
+        data = _state_record(entry.to_json())
 
         def job() -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fdatasync(f.fileno())
+                if sync:
+                    f.flush()
+                    os.fdatasync(f.fileno())
             os.replace(tmp, final)
 
-        return self._sync.submit(job, self.queue)
+        if sync:
+            return self._in_order(entry.id, lambda: self._sync.submit(job, self.queue))
+        return self._in_order(entry.id, lambda: self._io(job))
 
     def remove(self, queue_id: str) -> Deferred:
         """
         Remove an entry for good.  The message file goes first: a state
         file left alone by a crash is cleaned up at start-up, whereas the
-        other order could bring a delivered message back.
+        other order could bring a delivered message back.  Not synced: the
+        Deferred fires once the files are unlinked.
         """
         def job() -> None:
             for suffix in ("", ".state"):
@@ -402,10 +596,63 @@ class Spool:
                 except FileNotFoundError:
                     pass
 
-        return self._sync.submit(job, self.queue)
+        return self._in_order(queue_id, lambda: self._io(job))
+
+    def _io(self, job: Callable[[], None]) -> Deferred:
+        """Run C{job} in an I/O thread (not synced, not batched); fires when it has run."""
+        if self._io_threads is None:
+            try:
+                job()
+            except BaseException:
+                return fail()
+            return succeed(None)
+        d: Deferred = Deferred()
+
+        def done(future: Future) -> None:
+            error = future.exception()
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(Failure(error))
+
+        try:
+            future = self._io_threads.submit(job)
+        except RuntimeError:  # stopped: shutting down, blocking is fine now
+            return maybeDeferred(job)
+        future.add_done_callback(lambda future: self._reactor.callFromThread(done, future))
+        return d
+
+    def _in_order(self, queue_id: str, start: Callable[[], Deferred]) -> Deferred:
+        """
+        Call C{start} (which begins a write to C{queue_id}'s files) once the
+        writes asked for before it have finished, so they land in order.
+        """
+        result: Deferred = Deferred()
+        finished: Deferred = Deferred()
+        previous = self._tails.get(queue_id)
+        self._tails[queue_id] = finished
+
+        def go(_=None) -> None:
+            def end(outcome):
+                if self._tails.get(queue_id) is finished:
+                    del self._tails[queue_id]
+                finished.callback(None)
+                return outcome
+
+            start().addBoth(end).chainDeferred(result)
+
+        if previous is None:
+            go()
+        else:
+            previous.addCallback(go)
+        return result
 
     def stop(self) -> None:
         self._sync.stop()
+        if self._io_threads is not None:
+            self._pool._closed = True
+            self._io_threads.shutdown(wait=True)
+        self._pool.close()
 
 
 def _read_head(f, limit: int) -> tuple[bytes, int]:
