@@ -305,8 +305,17 @@ class CommandTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_reload(self):
         result = yield self.call(control.Reload)
-        self.assertEqual(result, {"generation": 2})
+        self.assertEqual(result, {"generation": 2, "notes": []})
         self.assertEqual(self.mta.pipeline.generation, 2)
+
+    @defer.inlineCallbacks
+    def test_reload_says_what_it_could_not_apply(self):
+        """A listener change is reported to the admin who reloaded, not only logged."""
+        path = self.folder / "mta.toml"
+        path.write_text(path.read_text().replace("interface=127.0.0.1", "interface=127.0.0.2", 1))
+        result = yield self.call(control.Reload)
+        self.assertEqual(result["generation"], 2)
+        self.assertEqual(result["notes"], ["[[listen]] changed; listeners change only on restart"])
 
     @defer.inlineCallbacks
     def test_reload_refused(self):
@@ -374,7 +383,7 @@ class ReloadAgainstFakeTests(unittest.TestCase):
         call = self.serve(FakeMTA(self.cfg, d))
         answer = call(control.Reload)
         reactor.callLater(0.01, d.callback, 7)
-        self.assertEqual((yield answer), {"generation": 7})
+        self.assertEqual((yield answer), {"generation": 7, "notes": []})
 
     def test_plugins_before_any(self):
         call = self.serve(FakeMTA(self.cfg))
@@ -497,7 +506,7 @@ class ServiceTests(unittest.TestCase):
         self.addCleanup(svc.stopService)
         result = yield defer.Deferred.fromCoroutine(
             control.call(reactor, svc.address, control.Reload))
-        self.assertEqual(result, {"generation": 3})
+        self.assertEqual(result, {"generation": 3, "notes": []})
 
 
 class ClientTests(unittest.TestCase):

@@ -246,8 +246,10 @@ def cmd_queue_release(args) -> int:
 def cmd_reload(args) -> int:
     from twisted_mta import control
 
-    generation = remote(configmod.load(args.config), control.Reload)["generation"]
-    print(f"reloaded: generation {generation}")
+    answer = remote(configmod.load(args.config), control.Reload)
+    print(f"reloaded: generation {answer['generation']}")
+    for note in answer.get("notes") or ():
+        print(f"not applied: {note}")
     return 0
 
 

@@ -123,10 +123,14 @@ class QueueRelease(_Command):
 
 
 class Reload(amp.Command):  # not a _Command: AMP tries base classes' errors first
-    """Reload the configuration and plugins; answers the new generation number."""
+    """
+    Reload the configuration and plugins; answers the new generation
+    number, and what the reload could not apply (listeners, spool...).
+    """
 
     arguments: list = []
-    response = [(b"generation", amp.Integer())]
+    response = [(b"generation", amp.Integer()),
+                (b"notes", amp.ListOf(amp.Unicode(), optional=True))]
     errors = {ReloadRefused: b"RELOAD_REFUSED", ControlError: b"CONTROL_ERROR"}
 
 
@@ -338,7 +342,11 @@ class ControlProtocol(amp.AMP):
         def failed(f):
             raise ReloadRefused(_one_line(f.value))
 
-        return d.addCallbacks(lambda generation: {"generation": int(generation)}, failed)
+        def done(generation):
+            return {"generation": int(generation),
+                    "notes": list(getattr(self.mta, "reload_notes", ()))}
+
+        return d.addCallbacks(done, failed)
 
     @Plugins.responder
     def plugins(self):

@@ -62,6 +62,7 @@ class MTAService(service.MultiService, ServerContext):
         self.shared = SharedState()  # plugins' state, kept across reloads
         self.ports: list = []
         self._listened = False
+        self.reload_notes: list[str] = []  # what the last reload could not apply
         self.smtp_agent = SMTPAgent(self.spool, self._mx_resolver(config), lambda: self.config,
                                     reactor)
         self.lmtp_agent = LMTPAgent(self.spool, lambda: self.config, reactor)
@@ -161,6 +162,7 @@ class MTAService(service.MultiService, ServerContext):
                       gen=self.pipeline.generation, why=str(e))
             return defer.fail(ReloadError(str(e)))
         notes = self._unapplied(old, new)
+        self.reload_notes = notes
         if new.delivery.nameservers != old.delivery.nameservers:
             self.smtp_agent.resolver = self._mx_resolver(new)
         self.config = new
