@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -27,7 +28,7 @@ def cmd_check_config(args) -> int:
     from twisted_mta import loader
     from twisted_mta.service import MTAService, StartupError
 
-    cfg = configmod.load(args.file or args.config)
+    cfg = configmod.load(args.file or args.config or "mta.toml")
     try:
         loader.build_pipeline(cfg, generation=1)
         MTAService(cfg)._load_tls(cfg)
@@ -150,7 +151,7 @@ def format_entry(e: dict) -> str:
 def cmd_queue_list(args) -> int:
     from twisted_mta import control
 
-    cfg = configmod.load(args.config)
+    cfg = _load(args)
     try:
         entries = json.loads(remote(cfg, control.QueueList)["json"])
     except _NotRunning as why:
@@ -169,7 +170,7 @@ def cmd_queue_show(args) -> int:
     from twisted_mta import control
     from twisted_mta.spool.store import SpoolError
 
-    cfg = configmod.load(args.config)
+    cfg = _load(args)
     try:
         control.check_queue_id(args.id)
         try:
@@ -202,7 +203,7 @@ def cmd_queue_flush(args) -> int:
 
     if args.id is not None and args.domain is not None:
         raise CommandError("queue flush: give a message id or --domain, not both")
-    cfg = configmod.load(args.config)
+    cfg = _load(args)
     kwargs = {}
     if args.id is not None:
         kwargs["id"] = args.id
@@ -219,7 +220,7 @@ def cmd_queue_flush(args) -> int:
 def cmd_queue_delete(args) -> int:
     from twisted_mta import control
 
-    cfg = configmod.load(args.config)
+    cfg = _load(args)
     if remote(cfg, control.QueueDelete, id=args.id)["later"]:
         print(f"deleted: {args.id} (once the delivery attempt under way has ended)")
     else:
@@ -230,7 +231,7 @@ def cmd_queue_delete(args) -> int:
 def cmd_queue_hold(args) -> int:
     from twisted_mta import control
 
-    remote(configmod.load(args.config), control.QueueHold, id=args.id)
+    remote(_load(args), control.QueueHold, id=args.id)
     print(f"held: {args.id}")
     return 0
 
@@ -238,7 +239,7 @@ def cmd_queue_hold(args) -> int:
 def cmd_queue_release(args) -> int:
     from twisted_mta import control
 
-    remote(configmod.load(args.config), control.QueueRelease, id=args.id)
+    remote(_load(args), control.QueueRelease, id=args.id)
     print(f"released: {args.id}")
     return 0
 
@@ -246,7 +247,7 @@ def cmd_queue_release(args) -> int:
 def cmd_reload(args) -> int:
     from twisted_mta import control
 
-    answer = remote(configmod.load(args.config), control.Reload)
+    answer = remote(_load(args), control.Reload)
     print(f"reloaded: generation {answer['generation']}")
     for note in answer.get("notes") or ():
         print(f"not applied: {note}")
@@ -274,7 +275,7 @@ def format_plugins(p: dict) -> str:
 def cmd_plugins(args) -> int:
     from twisted_mta import control
 
-    p = json.loads(remote(configmod.load(args.config), control.Plugins)["json"])
+    p = json.loads(remote(_load(args), control.Plugins)["json"])
     if args.json:
         print(json.dumps(p, indent=2, ensure_ascii=False))
     else:
@@ -285,7 +286,20 @@ def cmd_plugins(args) -> int:
 def cmd_passwd(args) -> int:
     from twisted_mta import users
 
-    return users.passwd(args.config, args.name, args.stdin)
+    return users.passwd(args.config or "mta.toml", args.name, args.stdin)
+
+
+def _load(args):
+    """
+    The configuration the server runs on: C{--config FILE}; else
+    C{./mta.toml}; else, as C{twistd -n mta} without --config, the
+    embedded development default in this folder.
+    """
+    if args.config is not None:
+        return configmod.load(args.config)
+    if os.path.exists("mta.toml"):
+        return configmod.load("mta.toml")
+    return configmod.default()
 
 
 # --- the command line -------------------------------------------------------------
@@ -371,7 +385,7 @@ def main(argv=None) -> int:
         print(args.func.parser.usage_line(), file=sys.stderr)
         return 2
     if not hasattr(args, "config"):
-        args.config = "mta.toml"
+        args.config = None
     try:
         return args.func(args)
     except (configmod.ConfigError, CommandError) as e:
