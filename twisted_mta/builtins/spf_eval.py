@@ -300,7 +300,7 @@ class Record:
 
 
 def is_spf(text: str) -> bool:
-    """Whether a TXT record's text is an SPF record: C{v=spf1} (any case), then a space or nothing."""
+    """Whether a TXT record's text is SPF: C{v=spf1} (any case), then a space or nothing."""
     return text[:6].lower() == "v=spf1" and text[6:7] in ("", " ")
 
 
