@@ -16,10 +16,10 @@ C{spf}: check the envelope sender's SPF record (RFC 7208).
 At MAIL the check of the client's address against the sender's domain
 (for the null sender: against C{postmaster@<HELO name>}, the HELO
 identity) starts, and MAIL is answered at once.  At RCPT the result is
-awaited and acted on, as Postfix's policyd-spf does: C{reject} answers
-C{550 5.7.23} (C{5.7.24} for permerror; RFC 7372), C{tempfail}
-C{451 4.7.23} (C{4.7.24} for temperror), C{tag} lets the recipient
-through.  At the end of DATA every checked message gets a C{Received-SPF}
+awaited and acted on, as Postfix's policyd-spf does: C{reject} refuses
+the recipient with the enhanced code C{5.7.23} (C{5.7.24} for permerror;
+RFC 7372) and the server's code for a policy refusal at RCPT, C{tempfail}
+with C{451 4.7.23} (C{4.7.24} for temperror), C{tag} lets it through.  At the end of DATA every checked message gets a C{Received-SPF}
 field (RFC 7208 9.1) and an C{Authentication-Results} field (RFC 8601,
 C{spf=<result> smtp.mailfrom=<domain>}, or C{smtp.helo=<name>}); fields
 already in the message claiming our authserv-id are removed.
