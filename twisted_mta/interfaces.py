@@ -71,8 +71,8 @@ class IRcptFilter(IFilter):
         """
         RCPT TO: C{recipient} (an L{Address}), after the relay rules let
         it through.  C{envelope.recipients} holds those accepted so far.
-        Reject: 554 for a policy code (5.7.x, the default), 550 for
-        others (5.1.1: no such user), 552 for 5.2.2 or 5.3.4; tempfail: 451; discard:
+        Reject: 554 with 5.7.1 (the default: a policy refusal), 550 with
+        others (5.1.1: no such user; 5.7.23: SPF fail), 552 for 5.2.2 or 5.3.4; tempfail: 451; discard:
         accepted but never delivered.
         A L{RewriteRecipient} replaces it (aliases), a L{SetRoute} routes it.
         """

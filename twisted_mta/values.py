@@ -242,7 +242,7 @@ class Verdict:
       - C{ACCEPT}: accept at this stage without asking the plugins after
         this one (the relay rules are still applied first).
       - C{REJECT}: a permanent refusal: 550 (554 at connect and data, and
-        at rcpt for a policy code 5.7.x) with C{enhanced} (default 5.7.1).  Some enhanced codes choose another
+        at rcpt with 5.7.1) with C{enhanced} (default 5.7.1).  Some enhanced codes choose another
         reply code: 5.3.4 (too big) and 5.2.2 (mailbox full) give 552;
         at MAIL, an explicit 5.7.1, 5.1.7 or 5.1.8 (this sender is not
         allowed) gives 553.

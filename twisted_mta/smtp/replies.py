@@ -161,9 +161,9 @@ def refusal_reply(verdict, stage: str) -> Reply:
       - tempfail: 451 (with 4.7.1 unless the plugin says otherwise);
       - reject: 552 for a size limit (5.3.4) or a full mailbox (5.2.2);
         at MAIL, 553 when the plugin names 5.7.1, 5.1.7 or 5.1.8 (this
-        sender is not allowed); at DATA, and at RCPT for a policy code
-        (5.7.x), 554; otherwise (5.1.1 unknown user...) 550; with 5.7.1
-        when the plugin names no enhanced code.
+        sender is not allowed); at DATA, and at RCPT with 5.7.1 (a policy
+        refusal of the client), 554; otherwise (5.1.1 unknown user, 5.7.23
+        SPF fail...) 550; with 5.7.1 when the plugin names no enhanced code.
     """
     from twisted_mta.values import Action  # here: values -> grammar -> replies
 
@@ -174,9 +174,10 @@ def refusal_reply(verdict, stage: str) -> Reply:
         code = 552
     elif stage == "mail" and verdict.enhanced in _SENDER_NOT_ALLOWED:
         code = 553
-    elif stage == "data" or (stage == "rcpt" and enhanced.startswith("5.7.")):
-        # A policy refusal of the client or message, not of the mailbox:
-        # 554 as Postfix answers for relay denied, RBLs and access maps.
+    elif stage == "data" or (stage == "rcpt" and enhanced == "5.7.1"):
+        # At RCPT, 5.7.1 is a policy refusal of the client, not of the
+        # mailbox: 554 as Postfix answers for relay denied, RBLs and access
+        # maps.  SPF's 5.7.23 stays 550, as RFC 7208 8.4 asks.
         code = 554
     else:
         code = 550
