@@ -373,9 +373,20 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertEqual([(b["Final-Recipient"], b["Status"], b["Remote-MTA"]) for b in blocks[1:]],
                          [("rfc822; a@far.test", "5.1.1", "dns; mx.far.test"),
                           ("rfc822; b@far.test", "5.1.1", "dns; mx.far.test")])
-        # ...and then failed too: it is not answered, and both leave the queue.
+        # ...and then failed too: it is not answered, and it is kept on hold.
         self.assertEqual([c[1] for c in agent.calls],
                          [["a@far.test", "b@far.test"], ["s@client.example.net"]])
         self.assertEqual(len(made), 1)
-        self.assertEqual(list(spool.entries()), [])
+        [kept] = list(spool.entries())
+        self.assertEqual((kept.id, kept.held, kept.bounce), (dsn.id, True, True))
+        self.assertEqual([r.state for r in kept.recipients], ["failed"])
+        # Released, it is tried again (and, failing again, held again).
+        self.successResultOf(manager.release(dsn.id))
+        clock.advance(0)
+        clock.advance(0)
+        self.assertEqual([c[1] for c in agent.calls][-1], ["s@client.example.net"])
+        self.assertEqual(len(agent.calls), 3)
+        self.assertEqual(len(made), 1)
+        [kept] = list(spool.entries())
+        self.assertTrue(kept.held)
         manager.stopService()

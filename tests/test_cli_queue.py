@@ -148,10 +148,6 @@ class LiveTests(CLIMixin, unittest.TestCase):
         yield self.cli("queue", "release", deferred)
         self.assertEqual(self.mta.delivery.entries[deferred].next_try, next_try)
 
-    test_flush_leaves_held_messages_alone.todo = (
-        "DeliveryManager.flush sets next_try = 0 on held entries too (control drops them from "
-        "the answer only), so a released message is tried at once")
-
     @defer.inlineCallbacks
     def test_delete(self):
         out, err, code = yield self.cli("queue", "delete", self.ids[0])

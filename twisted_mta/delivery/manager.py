@@ -269,7 +269,16 @@ class DeliveryManager(Service):
             if (deferred and not entry.delay_warned and now - entry.arrival >= d.delay_warning):
                 await self.bouncer.delay(entry, deferred)
                 entry.delay_warned = True
-        if entry.done:
+        if entry.done and entry.bounce and any(r.state == FAILED for r in entry.recipients):
+            # A DSN that cannot be delivered is neither answered (no loop)
+            # nor dropped: it stays, on hold, for the postmaster to see
+            # ('queue show'), release (tried again) or delete.
+            entry.held = True
+            await self.spool.save(entry)
+            log.warn("{id}: undeliverable delivery status notification kept on hold; "
+                     "'twisted-mta queue release {id}' tries it again, "
+                     "'twisted-mta queue delete {id}' drops it", id=entry.id)
+        elif entry.done:
             # No save first: the message leaves the spool, and the unlink
             # need not be synced (a crash that undoes it delivers again).
             await self.spool.remove(entry.id)
@@ -316,6 +325,8 @@ class DeliveryManager(Service):
         for entry in list(self.entries.values()):
             if queue_id is not None and entry.id != queue_id:
                 continue
+            if entry.held:  # as postqueue -f: held mail waits for a release
+                continue
             rcpts = [r for r in entry.recipients if not r.final and (
                 domain is None or r.mailbox.domain_key == domain.lower())]
             if not rcpts:
@@ -334,6 +345,11 @@ class DeliveryManager(Service):
     def release(self, queue_id: str) -> Deferred:
         entry = self.entries[queue_id]
         entry.held = False
+        if entry.done:
+            # A DSN kept because it failed: released means tried again.
+            for r in entry.recipients:
+                if r.state == FAILED:
+                    r.state, r.next_try = DEFERRED, 0.0
         d = self.spool.save(entry)
         d.addCallback(lambda _: self._schedule(entry))
         return d
