@@ -61,9 +61,12 @@ def log(msg: str) -> None:
 
 def make_server(name: str, args, **kw) -> S.Server:
     common = {"workdir": args.workdir, "keep": args.keep}
-    if name == "twisted-mta":
+    if name in ("twisted-mta", "twisted-mta-base"):
+        if name == "twisted-mta-base" and getattr(args, "base_path", None) is None:
+            raise SystemExit("twisted-mta-base needs --mta-baseline REV")
+        path = args.base_path if name == "twisted-mta-base" else args.mta_path
         return S.TwistedMTA(mode=kw.pop("mode", args.mta_mode), twistd=args.twistd,
-                            python_path=args.mta_path, switch_interval=args.mta_switch_interval,
+                            python_path=path, switch_interval=args.mta_switch_interval,
                             **common, **kw)
     if name == "postfix":
         return S.Postfix(mode=kw.pop("mode", args.postfix_mode), **common, **kw)
@@ -789,6 +792,8 @@ def render(report: dict, args) -> str:
                     f"{' with uncommitted changes' if m['repo_dirty'] else ''}")
     else:
         mta_text = f"commit {args.mta_rev} (exported for the run)"
+    if getattr(args, "base_rev", None):
+        mta_text += f"; twisted-mta-base: commit {args.base_rev} (exported for the run)"
     parts = [f"# twisted-mta benchmark, {m['date']}", "",
              f"Machine: {m['cpus']} × {m['cpu_model']}, {m['mem_gb']} GB, Linux {m['kernel']}, "
              f"file system {' '.join(m['fs'])}; Python {m['python']}, Twisted {m['twisted']}, "
@@ -857,6 +862,10 @@ def main(argv=None) -> int:
     p.add_argument("--nice", type=int, default=0,
                    help="niceness increment for the runner and all it starts (e.g. -10, as root, so that "
                         "other people's processes disturb the figures less)")
+    p.add_argument("--mta-baseline", default=None, metavar="REV",
+                   help="also measure the twisted-mta of git revision REV, as server "
+                        "'twisted-mta-base' (add it to --servers), interleaved with the others: "
+                        "a before/after comparison within the same repeats")
     p.add_argument("--mta-source", default="HEAD",
                    help="the twisted-mta code to run: a git revision, exported once for the whole run "
                         "(default HEAD), or 'worktree' for /work/main as it is (others' uncommitted edits "
@@ -904,6 +913,11 @@ def main(argv=None) -> int:
     else:
         snapshot, rev = snapshot_source(args.mta_source, args.workdir)
         args.mta_path, args.mta_rev = snapshot, rev
+    base_snapshot = None
+    args.base_path = args.base_rev = None
+    if args.mta_baseline:
+        base_snapshot, args.base_rev = snapshot_source(args.mta_baseline, args.workdir)
+        args.base_path = base_snapshot
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {"machine": machine_info(args), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in vars(args).items()}}
@@ -920,8 +934,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:
-        if snapshot is not None:
-            shutil.rmtree(snapshot, ignore_errors=True)
+        for folder in (snapshot, base_snapshot):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     report["machine"]["loadavg_end"] = os.getloadavg()
     text = render(report, args)
     (args.out / f"{stamp}.md").write_text(text + "\n")

@@ -149,6 +149,28 @@ class SpoolTests(unittest.SynchronousTestCase):
         self.assertEqual(os.listdir(self.spool.incoming), [])
         self.assertEqual(os.listdir(self.spool.queue), [incoming.id])
 
+    def test_bytes_are_held_until_flush_or_a_megabyte(self):
+        import twisted_mta.spool.store as store
+        incoming = self.spool.new_message()
+        incoming.write(b"a" * 1000)
+        self.assertEqual(incoming.path.read_bytes(), b"")  # not written yet: one writev later
+        incoming.flush()
+        self.assertEqual(incoming.path.read_bytes(), b"a" * 1000)
+        big = b"b" * store._WRITE_AHEAD
+        incoming.write(big)  # over the limit: written at once
+        self.assertEqual(incoming.path.stat().st_size, 1000 + len(big))
+        self.assertEqual(incoming.size, 1000 + len(big))
+        incoming.abort()
+
+    def test_short_writes_are_continued(self):
+        import twisted_mta.spool.store as store
+        real = store.os.writev
+        self.patch(store.os, "writev", lambda fd, pieces: real(fd, [bytes(pieces[0][:3])]))
+        entry = self.receive(data=b"Subject: x\r\n\r\n" + b"0123456789" * 7)
+        self.assertEqual(b"".join(self.spool.read_message(entry)),
+                         b"Subject: x\r\n\r\n" + b"0123456789" * 7)
+        self.assertEqual(Spool(self.path, inline=True).prepare()[0].id, entry.id)
+
     def test_torn_state_file_is_ignored(self):
         # An unsynced deferral save cut short by a power loss: the last
         # good state (here: the envelope) is the state to go on, and the
