@@ -178,6 +178,16 @@ class SmartHostTests(PostfixTestCase):
         self.assertIn(f"sasl_method=PLAIN, sasl_username=relay@{DOMAIN}", pf.log())
         yield wait_for(lambda: not site.queued_ids(), "twisted-mta's spool to empty")
 
+        # Two more, one after the other: the idle connection is used again
+        # (RSET, MAIL...), so Postfix sees fewer TLS sessions than messages.
+        for n in (2, 3):
+            message = e2e.message(f"smarthost{n}@example.test", "again", BODY, sender=ALICE, to=CAROL)
+            code, text = yield self.send_to_mta(site, ALICE, [CAROL], message)
+            self.assertEqual(code, 250, text)
+            yield self.wait_postfix(pf, "carol", n)
+        sessions = pf.log().count("TLS connection established from localhost[127.0.0.1]")
+        self.assertLess(sessions, 3, pf.log_tail(60))
+
     @defer.inlineCallbacks
     def test_postfix_refusals_bounce_and_defer(self):
         """
