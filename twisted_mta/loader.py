@@ -108,7 +108,10 @@ class _Build:
     def forget(self) -> None:
         """Drop this build's modules from sys.modules (the generation is retired)."""
         for module in self.modules.values():
-            sys.modules.pop(module.__name__, None)
+            # Only if it is still ours: another service in this process
+            # may have a build of the same generation number.
+            if sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]
 
 
 def find_class(use: str, plugin_paths, build: _Build):
