@@ -87,7 +87,8 @@ class SpoolTests(unittest.SynchronousTestCase):
         (self.spool.queue / "x.state.tmp").write_bytes(b"{")
         recovered = Spool(self.path, inline=True).prepare()
         self.assertEqual(recovered[0].recipients[0].attempts, 2)
-        self.assertEqual(sorted(os.listdir(self.spool.queue)), sorted([entry.id, entry.id + ".state"]))
+        # Saves are appended to the message file: no state file of its own.
+        self.assertEqual(sorted(os.listdir(self.spool.queue)), [entry.id])
 
     def test_unreadable_entry_is_quarantined_not_deleted(self):
         entry = self.receive()
@@ -171,24 +172,67 @@ class SpoolTests(unittest.SynchronousTestCase):
                          b"Subject: x\r\n\r\n" + b"0123456789" * 7)
         self.assertEqual(Spool(self.path, inline=True).prepare()[0].id, entry.id)
 
-    def test_torn_state_file_is_ignored(self):
-        # An unsynced deferral save cut short by a power loss: the last
-        # good state (here: the envelope) is the state to go on, and the
-        # torn file goes at start-up.
-        entry = self.receive()
+    def save_attempts(self, entry, n, sync=False):
         entry.recipients[0].state = "deferred"
-        entry.recipients[0].attempts = 3
-        self.successResultOf(self.spool.save(entry, sync=False))
-        state = self.spool.queue / (entry.id + ".state")
-        whole = state.read_bytes()
-        for torn in (b"", whole[:10], whole[:-1], whole.replace(b'"attempts":3', b'"attempts":4')):
-            state.write_bytes(torn)
-            self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 0, torn)
-            recovered = Spool(self.path, inline=True).prepare()
-            self.assertEqual([e.recipients[0].attempts for e in recovered], [0])
-            self.assertEqual(os.listdir(self.spool.queue), [entry.id])
-        state.write_bytes(whole)
-        self.assertEqual(Spool(self.path, inline=True).prepare()[0].recipients[0].attempts, 3)
+        entry.recipients[0].attempts = n
+        self.successResultOf(self.spool.save(entry, sync=sync))
+
+    def test_saves_are_appended_and_the_last_whole_one_counts(self):
+        entry = self.receive()
+        path = self.spool.message_path(entry.id)
+        committed = path.stat().st_size
+        for n in range(1, 31):
+            self.save_attempts(entry, n, sync=n % 7 == 0)
+        self.assertEqual(os.listdir(self.spool.queue), [entry.id])
+        self.assertGreater(path.stat().st_size, committed)
+        loaded = self.spool.load(entry.id)
+        self.assertEqual((loaded.recipients[0].attempts, loaded.size), (30, len(MESSAGE)))
+        self.assertEqual(b"".join(self.spool.read_message(loaded)), MESSAGE)
+
+    def test_save_cut_short_is_ignored_and_cut_off_at_start(self):
+        # A crash while a save was being written (an unsynced one: a
+        # synced save is whole once acknowledged): the save before it
+        # counts, or the envelope if there was none.
+        entry = self.receive()
+        path = self.spool.message_path(entry.id)
+        committed = path.read_bytes()
+        self.save_attempts(entry, 3)
+        whole = path.read_bytes()
+        self.save_attempts(entry, 4)
+        four = path.read_bytes()[len(whole):]
+        torn_saves = [four[:n] for n in (1, 10, len(four) // 2, len(four) - 1)]
+        torn_saves += [b"\0" * 300, four.replace(b'"attempts":4', b'"attempts":5')]
+        for before, attempts in ((whole, 3), (committed, 0)):
+            for torn in torn_saves:
+                path.write_bytes(before + torn)
+                self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, attempts, torn)
+                recovered = Spool(self.path, inline=True).prepare()
+                self.assertEqual([e.recipients[0].attempts for e in recovered], [attempts])
+                self.assertEqual(path.read_bytes(), before)  # cut off
+        # and saves go on from there
+        self.save_attempts(entry, 6)
+        self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 6)
+
+    def test_a_later_whole_save_after_a_torn_one_counts(self):
+        entry = self.receive()
+        path = self.spool.message_path(entry.id)
+        self.save_attempts(entry, 1)
+        with open(path, "ab") as f:
+            f.write(b'{"id":"torn-by-a-cra')
+        self.save_attempts(entry, 2)
+        self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 2)
+        self.assertEqual(Spool(self.path, inline=True).prepare()[0].recipients[0].attempts, 2)
+
+    def test_appended_save_wins_over_an_old_state_file(self):
+        entry = self.receive()
+        old = QueueEntry.from_json(entry.to_json())
+        old.recipients[0].attempts = 9
+        (self.spool.queue / (entry.id + ".state")).write_bytes(old.to_json())
+        self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 9)
+        self.save_attempts(entry, 10)
+        self.assertEqual(self.spool.load(entry.id).recipients[0].attempts, 10)
+        self.successResultOf(self.spool.remove(entry.id))
+        self.assertEqual(os.listdir(self.spool.queue), [])
 
     def test_state_file_without_header_is_still_read(self):
         entry = self.receive()
@@ -355,6 +399,35 @@ class ThreadedSpoolTests(unittest.TestCase):
         self.assertEqual(sorted(recovered), sorted(committed + [saved]))
         self.assertEqual(recovered[saved].recipients[0].attempts, 1)
         self.assertEqual(os.listdir(path / "incoming"), [])
+
+
+class GroupSyncTests(unittest.SynchronousTestCase):
+    def test_what_callbacks_submit_joins_one_next_batch(self):
+        """
+        Each session's next message is submitted from the callback of its
+        last one: they must make one batch (one journal commit), not one
+        batch each.
+        """
+        from twisted_mta.spool.store import _GroupSync
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        sync = _GroupSync(None, inline=True)
+        self.addCleanup(sync.stop)
+        batches = []
+        real = sync._run
+        sync._run = lambda batch: (batches.append(len(batch)), real(batch))[1]
+        sessions, rounds = 10, 4
+
+        def session(left):
+            if left:
+                sync.submit(lambda: None, folder).addCallback(lambda _: session(left - 1))
+
+        sync._running = True  # as if a batch were under way: all ten queue up
+        for _ in range(sessions):
+            session(rounds)
+        sync._running = False
+        sync._start()
+        self.assertEqual(batches, [sessions] * rounds)
 
 
 class DropFieldsTests(unittest.SynchronousTestCase):

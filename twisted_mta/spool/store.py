@@ -5,36 +5,42 @@ Layout under the spool folder::
 
     incoming/<name>    files made ahead of need, and messages being received
     queue/<id>         the message as received, then its envelope (JSON),
-                       then a trailer line: the commit record
-    queue/<id>.state   the entry as last saved, once delivery has changed it:
-                       a header line (C{TMTA1S <length> <crc32>}), then JSON
-    queue/*.tmp        a state file being written
+                       then a trailer line: the commit record; then, once
+                       delivery has changed it, the entry as saved (JSON),
+                       each save followed by its own trailer line
+    queue/<id>.state   the entry as saved by versions before saves were
+                       appended (read, never written now)
+    queue/*.tmp        such a state file being written (removed at start-up)
     corrupt/           entries that could not be read, kept for a human
 
 A message is written to a file in C{incoming/} as it arrives.  Those
 files are created (and opened) ahead of need by a thread, a few at a
-time, because creating a file waits for the file system's journal, which
-the fsyncs of the queue keep busy: the reactor only takes one that is
-ready.  Accepting a message appends the envelope and the trailer
-(C{TMTA1 <envelope length> <crc32>}), then, in a thread, renames the
-file to C{queue/<id>}; one C{fdatasync} of the file and one C{fsync} of
+time: creating a file waits for the file system (inode allocation,
+the folder's lock), so the reactor only takes one that is ready.
+Accepting a message appends the envelope and the trailer (C{TMTA1
+<envelope length> <crc32>}), then, in a thread, renames the file to
+C{queue/<id>}; one C{fdatasync} of the file and one C{fsync} of
 C{queue/} make it durable; only then does the server say 250.
 Everything in C{incoming/} was never acknowledged and is removed at
-start-up, and so is a file in C{queue/} without a valid trailer.
+start-up, and so is a file in C{queue/} without a valid commit record.
 
 Durability work runs in threads, never on the reactor thread, and is
 grouped: every request that arrives while a batch is syncing joins the
 next batch, whose files are synced in parallel and share one folder sync.
 
+A save appends the entry's JSON and a trailer (C{TMTA1S <length>
+<crc32>}) to the message file: no file is made, renamed or removed, and
+the folder is not synced.  The last save whose trailer and checksum are
+whole is the entry's state; the commit record is found by walking back
+over the saves.  A save that a crash cut short is ignored (the one
+before it, or the envelope, counts) and cut off at start-up.
+
 What need not be durable is not synced and does not wait in that line:
 removing a message (a crash before the unlink reaches the disk brings
-it back, and it is delivered again: at-least-once), and a state save
-that only records a deferral (L{Spool.save} with C{sync=False}: a crash
-that loses it makes the next attempt come sooner).  Such a save can be
-left empty or cut short by a power cut: a state file that is empty or
-does not match its header is ignored (the envelope, or the last good
-state, is what counts) and removed at start-up.  Writes to one entry's
-files happen in the order they were asked for.
+it back, and it is delivered again: at-least-once), and a save that only
+records a deferral (L{Spool.save} with C{sync=False}: a crash that loses
+it makes the next attempt come sooner).  Writes to one entry's file
+happen in the order they were asked for.
 """
 
 from __future__ import annotations
@@ -126,28 +132,113 @@ def _trailer(envelope: bytes) -> bytes:
     return b"%s%010d %08x\n" % (_TRAILER_MAGIC, len(envelope), zlib.crc32(envelope))
 
 
-_STATE_MAGIC = b"TMTA1S "
+_SAVE_MAGIC = b"\nTMTA1S "
+# "\nTMTA1S " + 10 digits + " " + 8 hex digits + "\n"
+_SAVE_TRAILER_LEN = len(_SAVE_MAGIC) + 10 + 1 + 8 + 1
+# Either trailer, anywhere (compact JSON never holds a raw newline, so
+# neither can appear inside an envelope or a save).
+_ANY_TRAILER = re.compile(rb"\nTMTA1(S?) ([0-9]{10}) ([0-9a-f]{8})\n")
 
 
-def _state_record(data: bytes) -> bytes:
-    """A state file's contents: a header that tells a whole save from a torn one, and the JSON."""
-    return b"%s%d %08x\n%s" % (_STATE_MAGIC, len(data), zlib.crc32(data), data)
+def _save_record(data: bytes) -> bytes:
+    """What a save appends: the entry's JSON and its trailer."""
+    return b"%s%s%010d %08x\n" % (data, _SAVE_MAGIC, len(data), zlib.crc32(data))
 
 
 def _state_json(raw: bytes) -> bytes | None:
-    """The JSON of a state file's contents; None if the save was torn (or is empty)."""
-    if not raw.startswith(_STATE_MAGIC):
-        # Empty: an unsynced save lost in a power cut.  Otherwise plain
-        # JSON, as state files were written before the header.
+    """
+    The JSON of an old-style state file (C{queue/<id>.state}); None if it
+    is empty or was torn.  Plain JSON, or (briefly written so) a header
+    line C{TMTA1S <length> <crc32>} and the JSON.
+    """
+    magic = _SAVE_MAGIC[1:]
+    if not raw.startswith(magic):
         return raw or None
     header, _, data = raw.partition(b"\n")
     try:
-        length_text, crc_text = header[len(_STATE_MAGIC):].split(b" ")
+        length_text, crc_text = header[len(magic):].split(b" ")
         if int(length_text) != len(data) or int(crc_text, 16) != zlib.crc32(data):
             return None
     except ValueError:
         return None
     return data
+
+
+def _record_at(f, end: int):
+    """
+    The record (envelope or save) whose trailer ends at C{end}, if it is
+    whole: (is a save, where its JSON starts, the JSON); else None.
+    """
+    if end < _TRAILER_LEN:
+        return None
+    low = max(0, end - _SAVE_TRAILER_LEN)
+    f.seek(low)
+    tail = f.read(end - low)
+    m = _ANY_TRAILER.search(tail)
+    if m is None or m.end() != len(tail):
+        return None
+    return _check_record(f, low + m.start(), m)
+
+
+def _check_record(f, trailer_at: int, m):
+    """The record whose trailer C{m} starts at C{trailer_at}, if its checksum holds."""
+    save, length, crc = bool(m.group(1)), int(m.group(2)), int(m.group(3), 16)
+    start = trailer_at - length
+    if start < 0:
+        return None
+    f.seek(start)
+    data = f.read(length)
+    if len(data) != length or zlib.crc32(data) != crc:
+        return None
+    return save, start, data
+
+
+def _last_record_before(f, end: int):
+    """
+    The last whole record ending at or before C{end}, found by searching
+    (a crash cut a save short): (is a save, JSON start, JSON, its end).
+    """
+    window = 65536
+    while True:
+        low = max(0, end - window)
+        f.seek(low)
+        data = f.read(end - low)
+        for m in reversed(list(_ANY_TRAILER.finditer(data))):
+            record = _check_record(f, low + m.start(), m)
+            if record is not None:
+                return record + (low + m.end(),)
+        if low == 0:
+            return None
+        window *= 4
+
+
+def _read_records(f) -> tuple[int, bytes, bytes | None, int, int]:
+    """
+    Walk back from the end of an open message file: (the message's size,
+    the envelope, the last whole save or None, the end of the last whole
+    record, the file's size).  Raises L{SpoolError} without a commit record.
+    """
+    f.seek(0, os.SEEK_END)
+    total = pos = f.tell()
+    saved = None
+    last_end = None
+    while True:
+        record = _record_at(f, pos)
+        if record is None:
+            # Not a whole record: what a crash left of a save (or of a
+            # commit, which was then never acknowledged).
+            found = _last_record_before(f, pos)
+            if found is None:
+                raise SpoolError("no commit record")
+            record, pos = found[:3], found[3]
+        if last_end is None:
+            last_end = pos
+        save, start, data = record
+        if not save:
+            return start, data, saved, last_end, total
+        if saved is None:
+            saved = data
+        pos = start
 
 
 class SpoolError(Exception):
@@ -315,10 +406,11 @@ class _GroupSync:
         # journal commits: on the development VM, 8 threads took a third
         # of the time per file that one did.
         self._workers = ThreadPoolExecutor(threads, thread_name_prefix="spool-sync")
-        self._pending: list[tuple[Callable[[], None], Path, Deferred]] = []
+        self._pending: list[tuple[Callable[[], None], Path | None, Deferred]] = []
         self._running = False
 
-    def submit(self, job: Callable[[], None], folder: Path) -> Deferred:
+    def submit(self, job: Callable[[], None], folder: Path | None) -> Deferred:
+        """Run C{job} in the next batch; then fsync C{folder} (None: no folder to sync)."""
         d: Deferred = Deferred()
         self._pending.append((job, folder, d))
         if not self._running:
@@ -353,7 +445,7 @@ class _GroupSync:
             errors = [self._one(batch[0][0])]
         else:
             errors = list(self._workers.map(self._one, [job for job, _, _ in batch]))
-        for folder in {folder for _, folder, _ in batch}:
+        for folder in {folder for _, folder, _ in batch if folder is not None}:
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
@@ -362,16 +454,21 @@ class _GroupSync:
         return errors
 
     def _finished(self, batch, future) -> None:
-        self._running = False
         try:
             errors = future.result()
         except BaseException as e:  # the folder sync itself failed
             errors = [e] * len(batch)
+        # Still "running" while the callbacks run: what they submit (the
+        # next message of each session) joins one next batch.  Marking the
+        # batch finished first let the first callback start a batch of its
+        # own, and the rest queue behind it: batches of one, one journal
+        # commit per message.
         for (_, _, d), error in zip(batch, errors):
             if error is None:
                 d.callback(None)
             else:
                 d.errback(Failure(error))
+        self._running = False
         if self._pending:
             self._start()
 
@@ -434,17 +531,22 @@ class Spool:
             if name.endswith(".tmp"):
                 path.unlink()
                 log.info("spool: removed unfinished state file {name}", name=name)
-            elif name.endswith(".state"):
+            elif name.endswith(".state"):  # from older versions
                 if name[: -len(".state")] not in names:
                     path.unlink()
                 elif path.exists() and _state_json(path.read_bytes()) is None:
-                    # An unsynced deferral save torn by a power cut (load()
-                    # ignored it).  exists(): quarantine may have moved it.
+                    # Torn (load() ignored it).  exists(): quarantine may
+                    # have moved it.
                     path.unlink()
                     log.info("spool: removed torn state file {name}", name=name)
             else:
                 try:
-                    entry = self.load(name)
+                    entry, torn = self._load(name)
+                    if torn is not None:
+                        # A save a crash cut short: cut it off, so that
+                        # the file ends with a whole record again.
+                        os.truncate(path, torn)
+                        log.info("spool: {id}: cut off a save left unfinished", id=name)
                 except SpoolError as e:
                     if "no commit record" in str(e):
                         path.unlink()
@@ -536,59 +638,38 @@ class Spool:
 
     def load(self, queue_id: str) -> QueueEntry:
         """
-        Read an entry: its state file if it has one, else the envelope in
-        its message file.  Raises L{SpoolError} if it cannot be read.
-        Blocking (a small read).
+        Read an entry: its last save, else (from older versions) its state
+        file, else the envelope in its message file.  Raises L{SpoolError}
+        if it cannot be read.  Blocking (small reads).
         """
-        state = self.queue / (queue_id + ".state")
+        entry, _ = self._load(queue_id)
+        return entry
+
+    def _load(self, queue_id: str) -> tuple[QueueEntry, int | None]:
+        """L{load}, and where a torn save begins (None if there is none)."""
         try:
             with open(self.queue / queue_id, "rb") as f:
-                size, envelope = self._read_commit(f)
-            try:
-                saved = _state_json(state.read_bytes())
-            except FileNotFoundError:
-                saved = None
-            if saved is not None:
-                envelope = saved
-            # else: none, or an unsynced save torn by a power cut; the
-            # envelope is the state to go on
-            entry = QueueEntry.from_json(envelope)
+                size, envelope, saved, end, total = _read_records(f)
+            if not envelope.startswith(b'{"id":"%s"' % queue_id.encode("utf-8", "replace")):
+                # The envelope names its own file.  A message body that
+                # ends in a forged envelope and commit record (a crash
+                # before our own was written) cannot know the random id,
+                # so it is not a commit.
+                raise SpoolError("no commit record")
+            if saved is None:
+                try:
+                    saved = _state_json((self.queue / (queue_id + ".state")).read_bytes())
+                except FileNotFoundError:
+                    pass
+            entry = QueueEntry.from_json(envelope if saved is None else saved)
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such queue entry")
         except (ValueError, KeyError, TypeError) as e:
             raise SpoolError(f"{queue_id}: unreadable envelope: {e}")
         if entry.id != queue_id:
-            # The envelope names its own file.  A message body that ends in
-            # a forged envelope and commit record (a crash before our own
-            # was written) cannot know the random id, so it is not a commit.
-            raise SpoolError("no commit record")
+            raise SpoolError(f"{queue_id}: unreadable envelope: it names {entry.id}")
         entry.size = size
-        return entry
-
-    @staticmethod
-    def _read_commit(f) -> tuple[int, bytes]:
-        """The message size and envelope of an open message file."""
-        f.seek(0, os.SEEK_END)
-        total = f.tell()
-        if total < _TRAILER_LEN:
-            raise SpoolError("no commit record")
-        f.seek(total - _TRAILER_LEN)
-        trailer = f.read(_TRAILER_LEN)
-        try:
-            if not trailer.startswith(_TRAILER_MAGIC) or not trailer.endswith(b"\n"):
-                raise ValueError
-            length_text, crc_text = trailer[len(_TRAILER_MAGIC):-1].split(b" ")
-            length, crc = int(length_text), int(crc_text, 16)
-        except ValueError:
-            raise SpoolError("no commit record")
-        size = total - _TRAILER_LEN - length
-        if size < 0:
-            raise SpoolError("no commit record")
-        f.seek(size)
-        envelope = f.read(length)
-        if zlib.crc32(envelope) != crc:
-            raise SpoolError("no commit record")
-        return size, envelope
+        return entry, (end if end < total else None)
 
     def entries(self) -> Iterator[QueueEntry]:
         """Every committed entry, read from disk (for tools; blocking)."""
@@ -630,34 +711,37 @@ class Spool:
 
     def save(self, entry: QueueEntry, sync: bool = True) -> Deferred:
         """
-        Save C{entry}'s current state (replacing the last one).  With
-        C{sync}, the Deferred fires once it is durable.  Without, it fires
-        once the state is written, not synced: for a state whose loss in
-        a crash costs nothing but an earlier retry (no recipient final, no
-        flag set: see the module docstring).
+        Save C{entry}'s current state: append it to its message file (see
+        the module docstring).  With C{sync}, the Deferred fires once it is
+        durable (an C{fdatasync} of the file, in a batch, and no folder
+        sync: nothing was named).  Without, once it is written, not
+        synced: for a state whose loss in a crash costs nothing but an
+        earlier retry (see L{DeliveryManager._must_sync}); a crash then
+        leaves the last save before it, or none.
         """
-        final = self.queue / (entry.id + ".state")
-        tmp = self.queue / (entry.id + ".state.tmp")
-        data = _state_record(entry.to_json())
+        path = self.queue / entry.id
+        record = _save_record(entry.to_json())
 
         def job() -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                _write_all(fd, [record])
                 if sync:
-                    f.flush()
-                    os.fdatasync(f.fileno())
-            os.replace(tmp, final)
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
         if sync:
-            return self._in_order(entry.id, lambda: self._sync.submit(job, self.queue))
+            return self._in_order(entry.id, lambda: self._sync.submit(job, None))
         return self._in_order(entry.id, lambda: self._io(job))
 
     def remove(self, queue_id: str) -> Deferred:
         """
-        Remove an entry for good.  The message file goes first: a state
-        file left alone by a crash is cleaned up at start-up, whereas the
-        other order could bring a delivered message back.  Not synced: the
-        Deferred fires once the files are unlinked.
+        Remove an entry for good: its message file, then any state file of
+        an older version (a state file left alone by a crash is cleaned up
+        at start-up, whereas the other order could bring a delivered
+        message back).  Not synced: the Deferred fires once the files are
+        unlinked.
         """
         def job() -> None:
             for suffix in ("", ".state"):
