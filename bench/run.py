@@ -834,7 +834,7 @@ def main(argv=None) -> int:
     p.add_argument("--procs", type=int, default=1,
                    help="load generator processes (default 1: one process drives >10,000 msg/s into a sink)")
     p.add_argument("--no-rset", action="store_true", help="no RSET between messages")
-    p.add_argument("--mta-mode", default="queue", choices=("queue", "discard", "maildir"),
+    p.add_argument("--mta-mode", default="queue", choices=("queue", "refused", "discard", "maildir"),
                    help="where twisted-mta puts accepted mail (default queue: non-local, stays queued)")
     p.add_argument("--postfix-mode", default="queue", choices=("queue", "discard"),
                    help="where Postfix puts accepted mail (default queue: defer_transports, stays queued)")

@@ -318,14 +318,17 @@ class Server:
 class TwistedMTA(Server):
     """
     twistd -n mta.  Modes (where accepted mail goes):
-      queue   recipients in a non-local domain, routed by a [[route]] via
-              "smtp" to a loopback port that refuses connections (a bound
-              socket that never listens, held by the runner): every message
-              gets one delivery attempt, is deferred ("451 4.4.1 ...
-              Connection refused", state file written) and stays queued,
-              like Postfix's defer_transports.  No DNS: the MX route would
-              get NXDOMAIN for remote.bench.invalid and bounce every
-              message, a different workload from Postfix's.
+      queue   recipients in a non-local domain, and a router plugin (written
+              to the temp folder, bench_defer:Defer) that routes nothing: at
+              its first attempt each recipient is deferred ("451 4.3.5 no
+              route for this domain"; its state saved) and the message
+              stays queued.  This is Postfix's defer_transports: the queue
+              manager defers without trying the transport.
+      refused the same, but through a real attempt: a [[route]] via "smtp" to
+              a loopback port that refuses connections (a bound socket that
+              never listens, held by the runner): "451 4.4.1 ... Connection
+              refused".  (Without any route, the MX agent would get NXDOMAIN
+              for remote.bench.invalid and bounce every message.)
       discard a [[route]] with via = "discard": delivered at once, removed
       maildir recipients in a local domain, delivered into Maildirs
       relay   a [[route]] via = "smtp" to a sink (the relay benchmark)
@@ -355,6 +358,10 @@ class TwistedMTA(Server):
         lines = [
             'hostname = "mta.bench.test"',
             'spool = "spool"',
+        ]
+        if self.mode == "queue":
+            lines.append('plugin_paths = ["plugins"]')
+        lines += [
             "[[listen]]",
             # backlog: 5,000 idle sessions are opened in bursts
             f'endpoint = "tcp:{self.port}:interface=127.0.0.1:backlog=1024"',
@@ -374,10 +381,23 @@ class TwistedMTA(Server):
         elif self.mode == "relay":
             lines += ["[[route]]", 'domains = ["*"]', 'via = "smtp"', 'host = "127.0.0.1"',
                       f"port = {self.relay_port}", 'tls = "none"']
-        else:  # queue: one attempt, refused, deferred, stays queued
+        elif self.mode == "refused":  # one attempt, refused, deferred, stays queued
             lines += ["[[route]]", 'domains = ["*"]', 'via = "smtp"', 'host = "127.0.0.1"',
                       f"port = {self._refused_port()}", 'tls = "none"']
+        elif self.mode == "queue":  # deferred at the first attempt without trying
+            lines += ["[router]", 'use = "bench_defer:Defer"']
+        else:
+            raise ValueError(f"twisted-mta: unknown mode {self.mode}")
         return "\n".join(lines) + "\n"
+
+    DEFER_PLUGIN = (
+        '"""The bench\'s router for queue mode: no route, so each recipient is deferred."""\n'
+        "from zope.interface import implementer\n"
+        "from twisted_mta.interfaces import IRouter\n\n\n"
+        "@implementer(IRouter)\n"
+        "class Defer:\n"
+        "    def route(self, envelope, recipient):\n"
+        "        return None\n")
 
     def _refused_port(self) -> int:
         """A loopback port bound (so nobody else takes it) but never listening: connect() is refused."""
@@ -390,6 +410,9 @@ class TwistedMTA(Server):
         self._mktemp()
         self.port = free_port()
         (self.tmp / "mta.toml").write_text(self.config_text())
+        if self.mode == "queue":
+            (self.tmp / "plugins").mkdir()
+            (self.tmp / "plugins" / "bench_defer.py").write_text(self.DEFER_PLUGIN)
         path = str(self.python_path)
         if self.switch_interval:
             site = self.tmp / "site"
