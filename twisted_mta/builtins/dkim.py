@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from twisted.names import dns, error as dns_error
 from zope.interface import implementer
 
+from twisted_mta.network import in_networks
 from twisted_mta.interfaces import IDataFilter
 from twisted_mta.smtp.grammar import is_domain
 from twisted_mta.values import AddHeader, RemoveHeader, Verdict
@@ -109,15 +110,7 @@ def _networks(networks, context, option: str) -> tuple:
 
 def is_outbound(session, networks) -> bool:
     """Mail from an authenticated session or from a client in C{networks}."""
-    if session.user:
-        return True
-    try:
-        ip = ipaddress.ip_address(session.client_ip)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    return bool(session.user) or in_networks(session.client_ip, networks)
 
 
 def _a_label(domain: str) -> str | None:

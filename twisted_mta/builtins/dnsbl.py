@@ -67,6 +67,7 @@ from twisted.logger import Logger
 from twisted.names import dns, error as dns_error
 from zope.interface import alsoProvides, implementer
 
+from twisted_mta.network import client_address
 from twisted_mta.interfaces import IConnectFilter, IDataFilter, IRcptFilter
 from twisted_mta.values import AddHeader, RemoveHeader, Verdict
 
@@ -90,17 +91,6 @@ _MAX_ZONE = 253 - 64
 
 
 # --- the names ---------------------------------------------------------------
-
-
-def client_address(text: str):
-    """The client's address as looked up: an IPv4-mapped IPv6 address as IPv4; None if not an IP."""
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except (ValueError, AttributeError):
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def query_name(ip, zone: str) -> str:

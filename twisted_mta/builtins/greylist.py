@@ -38,6 +38,7 @@ from pathlib import Path
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_mta.network import client_address
 from twisted_mta.interfaces import IRcptFilter
 from twisted_mta.values import Verdict
 
@@ -47,12 +48,9 @@ GREYLISTED = "Greylisted, please try again later"
 
 def client_network(ip: str) -> str:
     """The network a client is greylisted by: /24 for IPv4, /64 for IPv6."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = client_address(ip)
+    if address is None:
         return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
     prefix = 24 if address.version == 4 else 64
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
@@ -154,16 +152,6 @@ def _seconds(name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
-def _client_ip(text: str):
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
-
-
 @implementer(IRcptFilter)
 class Greylist:
     def __init__(self, delay: float = 300, window: float = 86400, lifetime: float = 30 * 86400,
@@ -205,7 +193,7 @@ class Greylist:
     def _skipped(self, session) -> bool:
         if session.user:
             return True
-        ip = _client_ip(session.client_ip)
+        ip = client_address(session.client_ip)
         return ip is not None and any(ip.version == net.version and ip in net
                                       for net in self.skip)
 

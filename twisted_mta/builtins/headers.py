@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
+from twisted_mta.network import in_networks
 from twisted_mta.interfaces import IDataFilter
 from twisted_mta.values import AddHeader, RemoveHeader, Verdict, parse_headers
 
@@ -142,15 +143,7 @@ class HeaderRules:
 
     def outbound(self, session) -> bool:
         """Mail from an authenticated client or from C{networks}: going out."""
-        if session.user:
-            return True
-        try:
-            ip = ipaddress.ip_address(session.client_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        return bool(session.user) or in_networks(session.client_ip, self.networks)
 
     def data(self, session, envelope, message):
         direction = "outbound" if self.outbound(session) else "inbound"

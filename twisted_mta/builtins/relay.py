@@ -16,6 +16,7 @@ from typing import Iterable
 
 from zope.interface import implementer
 
+from twisted_mta.network import in_networks
 from twisted_mta.interfaces import IRelayPolicy
 from twisted_mta.values import Verdict
 
@@ -49,15 +50,7 @@ class RelayRules:
 
     def trusted(self, session) -> bool:
         """Whether C{session} may relay anywhere: authenticated, or from C{networks}."""
-        if session.user:
-            return True
-        try:
-            ip = ipaddress.ip_address(session.client_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
+        return bool(session.user) or in_networks(session.client_ip, self.networks)
 
     def is_local(self, domain: str) -> bool:
         return domain in self.local

@@ -48,6 +48,7 @@ from twisted_mta.builtins.spf_eval import (
     FAIL, NEUTRAL, NONE, PASS, PERMERROR, RESULTS, SOFTFAIL, TEMPERROR, Answer, Check, Query,
     Result,
 )
+from twisted_mta.network import client_address
 from twisted_mta.interfaces import IDataFilter, IMailFilter, IRcptFilter
 from twisted_mta.values import AddHeader, RemoveHeader, Verdict
 
@@ -268,16 +269,6 @@ def _networks(value, option: str) -> tuple:
     return tuple(out)
 
 
-def _client_ip(text: str):
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
-
-
 def _a_label(domain: str) -> str:
     domain = domain.rstrip(".")
     if domain.isascii():
@@ -372,7 +363,7 @@ class SPF:
     def skips(self, session) -> bool:
         if session.user:
             return True
-        ip = _client_ip(session.client_ip)
+        ip = client_address(session.client_ip)
         if ip is None:
             return True  # not an IP client (a unix socket): nothing to check
         return any(ip in net for net in self.skip)
