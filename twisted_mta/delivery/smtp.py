@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet import defer, error as ierror
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -282,7 +283,7 @@ class PooledAgent:
         """
         self._make_room()
         protocol = ClientProtocol(self.reactor, timeouts.greeting)
-        d = connectProtocol(endpoint, protocol)
+        d = endpoint.connect(_OneShot(protocol))
         d.addTimeout(timeouts.connect, self.reactor)
         try:
             await d
@@ -296,6 +297,22 @@ class PooledAgent:
         """A session that will not be kept: QUIT, and give back its busy slot."""
         self.busy -= 1
         session.quit()
+
+
+
+class _OneShot(Factory):
+    """
+    Hands out one protocol already made (as C{connectProtocol} does, but
+    quietly, and without a new class per connection).
+    """
+
+    noisy = False
+
+    def __init__(self, protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
 
 
 @implementer(IDeliveryAgent)

@@ -44,6 +44,18 @@ from twisted_mta.values import (
 log = Logger()
 
 HEADER_CAPTURE_LIMIT = 65536  # header bytes kept in memory for data filters
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 date of this second, for Received (formatted once a second)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
 _session_counter = 0
 
 
@@ -953,7 +965,7 @@ class ESMTPServer(Protocol):
             lines.append(f"\t(Authenticated sender: {s.user})")
         lines.append(f"\tby {self.hostname} (twisted-mta) with {proto} id {txn.incoming.id}")
         rcpts = txn.envelope.recipients
-        stamp = email.utils.formatdate(localtime=True)
+        stamp = _date_now()
         if len(rcpts) == 1:
             lines.append(f"\tfor <{rcpts[0]}>; {stamp}")
         else:
