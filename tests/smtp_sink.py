@@ -377,3 +377,25 @@ def make_pki(names=("localhost",), ips=("127.0.0.1", "::1")) -> PKI:
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         options,
     )
+
+
+def close_at_end(testcase, factory: SinkFactory, port) -> None:
+    """At the end of C{testcase}: stop C{port}, abort the sink's connections, wait for them."""
+    async def cleanup():
+        await port.stopListening()
+        for p in factory.protocols:
+            if p.transport is not None and p.transport.connected:
+                p.transport.abortConnection()
+        await factory.all_closed()
+
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(cleanup()))
+
+
+def listen_sink(testcase, interface: str = "127.0.0.1", **kw) -> tuple[SinkFactory, int]:
+    """A L{SinkFactory} (made with C{kw}) on a free TCP port of C{interface}, closed at the end."""
+    from twisted.internet import reactor
+
+    factory = SinkFactory(**kw)
+    port = reactor.listenTCP(0, factory, interface=interface)
+    close_at_end(testcase, factory, port)
+    return factory, port.getHost().port

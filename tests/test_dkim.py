@@ -32,7 +32,7 @@ from twisted.trial import unittest
 
 from tests import e2e_support as e2e
 from tests.dns_support import DNSServer
-from tests.smtp_sink import SinkFactory
+from tests.smtp_sink import SinkFactory, listen_sink
 from twisted_mta.builtins import dkim as mod
 from twisted_mta.builtins.dkim import DKIMSign, DKIMVerify
 from twisted_mta.values import (
@@ -587,18 +587,7 @@ class EndToEndTests(unittest.TestCase):
     """Two in-process MTAs: one signs on the way out, the other verifies on the way in."""
 
     def start_sink(self) -> tuple[SinkFactory, int]:
-        factory = SinkFactory()
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-
-        async def cleanup():
-            await port.stopListening()
-            for p in factory.protocols:
-                if p.transport is not None and p.transport.connected:
-                    p.transport.abortConnection()
-            await factory.all_closed()
-
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(cleanup()))
-        return factory, port.getHost().port
+        return listen_sink(self)
 
     def signing_site(self, sink_port: int) -> e2e.Site:
         folder = Path(self.mktemp())

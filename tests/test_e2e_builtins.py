@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from tests import e2e_support as e2e
 from tests.e2e_support import LOCAL_DOMAIN, RawClient, Site, in_thread, wait_for
-from tests.smtp_sink import SinkFactory
+from tests.smtp_sink import SinkFactory, listen_sink
 
 SENDER = "alice@client.example.net"
 BOB = f"bob@{LOCAL_DOMAIN}"
@@ -66,18 +66,7 @@ def start(testcase, site: Site, clock=None):
 
 def sink(testcase) -> tuple[SinkFactory, int]:
     """An SMTP sink on loopback (the smart host); closed at the end of the test."""
-    factory = SinkFactory()
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-
-    async def cleanup():
-        await port.stopListening()
-        for p in factory.protocols:
-            if p.transport is not None and p.transport.connected:
-                p.transport.abortConnection()
-        await factory.all_closed()
-
-    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(cleanup()))
-    return factory, port.getHost().port
+    return listen_sink(testcase)
 
 
 def transaction(site: Site, sender: str, recipients, message: bytes | None = None,

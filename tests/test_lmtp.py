@@ -10,10 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.trial import unittest
 
-from tests.smtp_sink import SinkFactory
+from tests.smtp_sink import SinkFactory, close_at_end
 from tests.support import make_config
 from twisted_mta.delivery.agent import DEFERRED, DELIVERED, FAILED
 from twisted_mta.delivery.lmtp import LMTPAgent
@@ -39,14 +39,7 @@ class LMTPAgentTests(unittest.TestCase):
         self.addCleanup(self.agent.stop)
 
     def _cleanup(self, factory, port):
-        async def cleanup():
-            await port.stopListening()
-            for p in factory.protocols:
-                if p.transport is not None and p.transport.connected:
-                    p.transport.abortConnection()
-            await factory.all_closed()
-
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(cleanup()))
+        close_at_end(self, factory, port)
 
     def tcp_sink(self, **kw) -> tuple[SinkFactory, str]:
         factory = SinkFactory(lmtp=True, **kw)

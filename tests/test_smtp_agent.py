@@ -16,7 +16,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests.smtp_sink import SinkFactory, make_pki
+from tests.smtp_sink import SinkFactory, make_pki, listen_sink
 from tests.support import make_config
 from twisted_mta.delivery.agent import DEFERRED, DELIVERED, FAILED
 from twisted_mta.delivery.smtp import SMTPAgent, SpoolSource
@@ -100,18 +100,7 @@ class AgentTestCase(unittest.TestCase):
         return agent
 
     def sink(self, interface="127.0.0.1", **kw) -> tuple[SinkFactory, int]:
-        factory = SinkFactory(**kw)
-        port = reactor.listenTCP(0, factory, interface=interface)
-
-        async def cleanup():
-            await port.stopListening()
-            for p in factory.protocols:
-                if p.transport is not None and p.transport.connected:
-                    p.transport.abortConnection()
-            await factory.all_closed()
-
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(cleanup()))
-        return factory, port.getHost().port
+        return listen_sink(self, interface, **kw)
 
     async def queue(self, *recipients, sender="s@example.test", message=MESSAGE, **kw) -> QueueEntry:
         incoming = self.spool.new_message()
