@@ -218,13 +218,13 @@ class MTAService(service.MultiService, ServerContext):
             if listen.tls == "implicit":
                 factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
             endpoint = endpoints.serverFromString(self.reactor, listen.endpoint)
-            result = []
             d = endpoint.listen(factory)
-            d.addBoth(result.append)
-            if not result:  # an endpoint that listens later: log its outcome
-                d.addCallback(self._listening, listen)
-                d.addErrback(self._listen_failed, listen)
+            if not d.called:  # an endpoint that listens later: log its outcome
+                d.addCallbacks(self._listening, self._listen_failed,
+                               callbackArgs=(listen,), errbackArgs=(listen,))
                 continue
+            result = []
+            d.addBoth(result.append)
             if isinstance(result[0], Failure):
                 for port in self.ports:
                     port.stopListening()
