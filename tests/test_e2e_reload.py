@@ -47,6 +47,7 @@ class ReloadTests(unittest.TestCase):
     def setUp(self):
         self.folder = Path(self.mktemp()).resolve()
         (self.folder / "plugins").mkdir(parents=True)
+        self.sent_ids: list[str] = []
         self.write_plugin(version="v1")
         self.write_config('[[filter]]\nuse = "tagger:Tagger"\nlabel = "one"')
         self.mta = MTAService(configmod.load(self.folder / "mta.toml"))
@@ -80,6 +81,7 @@ class ReloadTests(unittest.TestCase):
                     code, text = s.data(b"Subject: t\r\n\r\nbody\r\n")
                     assert code == 250, (code, text)
                     ids.append(text.decode().rsplit(" ", 1)[1])
+            self.sent_ids.extend(ids)
             return ids
         return deferToThread(run)
 
@@ -93,7 +95,16 @@ class ReloadTests(unittest.TestCase):
                 break
             yield deferLater(0.01)
         tags = []
-        for f in sorted(files, key=lambda p: p.stat().st_mtime_ns):
+        # In the order the messages were sent (their queue ids, in our
+        # Received line): deliveries may finish out of order.
+        sent = self.sent_ids
+
+        def order(path):
+            data = path.read_bytes()
+            found = [i for i, qid in enumerate(sent) if f" id {qid}".encode() in data]
+            return (found[0] if found else len(sent), path.stat().st_mtime_ns)
+
+        for f in sorted(files, key=order):
             for line in f.read_bytes().split(b"\r\n"):
                 if line.startswith(b"X-Tagger: "):
                     tags.append(line[10:].decode())
@@ -127,7 +138,8 @@ class ReloadTests(unittest.TestCase):
 
         def finish():
             client.rcpt("user@example.test")
-            code, _ = client.data(b"Subject: t\r\n\r\nbody\r\n")
+            code, text = client.data(b"Subject: t\r\n\r\nbody\r\n")
+            self.sent_ids.append(text.decode().rsplit(" ", 1)[1])
             client.quit()
             return code
 
