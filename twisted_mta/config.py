@@ -146,6 +146,7 @@ class Config:
     router_plugin: PluginConfig | None
     filters: tuple[PluginConfig, ...]
     delivery: DeliveryConfig
+    receivers: int = 0  # receiving processes besides the main one (0: it receives itself)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -342,6 +343,9 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
     if control is not None:
         _check_endpoint(top, "control", control)
     plugin_paths = tuple(folder / p for p in top.strings("plugin_paths"))
+    receivers = top.take("receivers", int, 0, "an integer from 0 to 64")
+    if not 0 <= receivers <= 64:
+        raise top.error("receivers", f"expected an integer from 0 to 64, got {receivers}")
 
     t = _Table(file, "tls", top.take("tls", dict, {}, "a table"), folder)
     cert, key = t.path("certificate", must_exist=True), t.path("key", must_exist=True)
@@ -357,6 +361,14 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         listen = tuple(_listen(file, i, d, folder) for i, d in enumerate(listens, 1))
         if not listen:
             raise top.error("listen", "no listeners")
+    if receivers:
+        # Receivers take over the main process's listening sockets; only
+        # TCP ones can be shared (a UNIX socket's file is the main one's).
+        for i, each in enumerate(listen, 1):
+            if each.endpoint.split(":", 1)[0] not in ("tcp", "tcp6"):
+                raise ConfigError(file, f"listen[{i}].endpoint",
+                                  f"receivers = {receivers} takes tcp: or tcp6: listeners only, "
+                                  f"got {_show(each.endpoint)}")
 
     t = _Table(file, "auth", top.take("auth", dict, {}, "a table"), folder)
     auth = AuthConfig(
@@ -445,7 +457,7 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         file=file, folder=folder, hostname=hostname, spool=spool, control=control,
         plugin_paths=plugin_paths, tls=tls, listen=listen, auth=auth, limits=limits,
         relay=relay, relay_plugin=relay_plugin, routes=routes, router_plugin=router_plugin,
-        filters=filters, delivery=delivery, raw=MappingProxyType(dict(data)),
+        filters=filters, delivery=delivery, receivers=receivers, raw=MappingProxyType(dict(data)),
     )
 
 

@@ -74,14 +74,16 @@ class _Build:
     executed from plugin files for it (each file once per generation).
     """
 
-    def __init__(self, generation: int, shared: SharedState | None = None, reactor=None):
+    def __init__(self, generation: int, shared: SharedState | None = None, reactor=None,
+                 state_folder: Path | None = None):
         self.generation = generation
+        self.state_folder = state_folder
         self.modules: dict[Path, ModuleType] = {}
         self.shared = shared if shared is not None else SharedState()
         self.reactor = reactor
 
     def context(self, config: Config, where: str) -> PluginContext:
-        state = Path(config.spool) / "state"
+        state = self.state_folder or Path(config.spool) / "state"
         state.mkdir(parents=True, exist_ok=True)
         return PluginContext(folder=config.folder, state_folder=state, shared=self.shared,
                              where=where, config=config, reactor=self.reactor)
@@ -201,13 +203,16 @@ def with_sender_rule(config: Config) -> tuple[PluginConfig, ...]:
 
 
 def build_pipeline(config: Config, generation: int, reactor=None,
-                   shared: SharedState | None = None) -> Pipeline:
+                   shared: SharedState | None = None,
+                   state_folder: Path | None = None) -> Pipeline:
     """
     Build a whole L{Pipeline} from C{config}, or raise L{PluginError}.
     Plugin files are executed afresh; their modules are forgotten when the
     pipeline is garbage (the last session using it has ended).
+    C{state_folder} is the plugins' L{PluginContext.state_folder}
+    (default C{<spool>/state}): each process gets its own.
     """
-    build = _Build(generation, shared, reactor)
+    build = _Build(generation, shared, reactor, state_folder)
     try:
         relay_pc = config.relay_plugin or PluginConfig("relay", {}, "relay")
         relay_extra = {} if config.relay_plugin else {

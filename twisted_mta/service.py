@@ -1,22 +1,23 @@
 """
 The MTA as a Twisted service: it owns the spool, the current pipeline, the
 TLS options, the listeners and the delivery manager, and is the
-L{ServerContext} every SMTP connection talks to.
+L{ServerContext} every SMTP connection talks to.  With C{receivers = N}
+in the configuration, N receiving processes (L{ReceiverPool}) take the
+connections instead and hand it what they queue; it keeps the spool's
+start-up, delivery, bounces and the control endpoint.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
-from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from twisted_mta import loader
-from twisted_mta import config as configmod
 from twisted_mta.config import Config
 from twisted_mta.control import ControlService, ControlStartupError
 from twisted_mta.delivery.bounce import Bouncer
@@ -25,10 +26,12 @@ from twisted_mta.delivery.maildir import MaildirAgent
 from twisted_mta.delivery.manager import DeliveryManager
 from twisted_mta.delivery.mx import MXResolver, make_resolver
 from twisted_mta.delivery.smtp import SMTPAgent
-from twisted_mta.smtp import tls as tlsmod
-from twisted_mta.smtp.server import ConnectionCounter, ESMTPFactory, ServerContext
+from twisted_mta.receivers import ReceiverPool
+from twisted_mta.receiving import ReceivingService, ReloadError, StartupError
+from twisted_mta.smtp.server import ESMTPFactory
 from twisted_mta.spool.store import Spool
-from twisted_mta.values import SharedState
+
+__all__ = ["MTAService", "StartupError", "ReloadError"]
 
 log = Logger()
 
@@ -39,30 +42,18 @@ def _reason(error: BaseException) -> str:
     return " ".join(str(text).split()) or type(error).__name__
 
 
-class StartupError(Exception):
-    """The service cannot start; the text says why, in one line."""
-
-
-class ReloadError(Exception):
-    """A reload was refused; the text says why, in one line.  Nothing changed."""
-
-
-class MTAService(service.MultiService, ServerContext):
+class MTAService(ReceivingService):
     def __init__(self, config: Config, reactor=None):
-        super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
-        self.config = config
+        super().__init__(config, reactor)
+        reactor = self.reactor
+        if config.receivers:
+            # The receivers' plugins use <spool>/state; the copies this
+            # process builds (for routing and delivery observers) must not
+            # write over their files.
+            self.state_folder = Path(config.spool) / "state" / "main"
         self.spool = Spool(config.spool, reactor)
-        self.pipeline = None
-        self.tls_options = None
-        self.auth = None
-        self.counter = ConnectionCounter()
-        self.shared = SharedState()  # plugins' state, kept across reloads
         self.ports: list = []
         self._listened = False
-        self.reload_notes: list[str] = []  # what the last reload could not apply
         self.smtp_agent = SMTPAgent(self.spool, self._mx_resolver(config), lambda: self.config,
                                     reactor)
         self.lmtp_agent = LMTPAgent(self.spool, lambda: self.config, reactor)
@@ -76,6 +67,10 @@ class MTAService(service.MultiService, ServerContext):
         self.delivery.setServiceParent(self)
         self.control = ControlService(self, reactor)
         self.control.setServiceParent(self)
+        self.receivers = None
+        if config.receivers:
+            self.receivers = ReceiverPool(self, config.receivers, reactor)
+            self.receivers.setServiceParent(self)
 
     def _mx_resolver(self, config: Config) -> MXResolver:
         return MXResolver(make_resolver(config.delivery.nameservers, self.reactor), self.reactor)
@@ -85,26 +80,15 @@ class MTAService(service.MultiService, ServerContext):
     def queued(self, entry) -> None:
         self.delivery.enqueue(entry)
 
-    # --- start and stop -----------------------------------------------------
+    def received(self, entry) -> None:
+        """
+        A receiver queued C{entry} (or it was found after a receiver died):
+        deliver it, unless it is known already.
+        """
+        if entry.id not in self.delivery.entries:
+            self.delivery.enqueue(entry)
 
-    def _load_tls(self, config: Config):
-        if config.tls.certificate is not None:
-            try:
-                key, chain = tlsmod.load_chain(config.tls.certificate, config.tls.key)
-            except tlsmod.CertificateError as e:
-                raise StartupError(f"{config.file}: tls: {e}")
-        else:
-            key, chain = tlsmod.self_signed(config.hostname)
-            log.warn("tls: no [tls] certificate configured; using a generated self-signed "
-                     "certificate for {host}", host=config.hostname)
-        return tlsmod.server_options(key, chain)
-
-    def _tls_for(self, config: Config, old: Config | None = None):
-        """The TLS options for C{config}; a generated certificate is kept across reloads."""
-        if (old is not None and config.tls == old.tls and config.tls.certificate is None
-                and config.hostname == old.hostname and self.tls_options is not None):
-            return self.tls_options.options
-        return self._load_tls(config)
+    # --- start and reload ---------------------------------------------------
 
     def prepare(self) -> None:
         """
@@ -116,18 +100,7 @@ class MTAService(service.MultiService, ServerContext):
             self.control.prepare()
         except ControlStartupError as e:
             raise StartupError(str(e))
-        try:
-            self.pipeline = loader.build_pipeline(self.config, generation=1, reactor=self.reactor,
-                                                  shared=self.shared)
-        except loader.PluginError as e:
-            raise StartupError(str(e))
-        self.tls_options = tlsmod.SwappableServerTLS(self._tls_for(self.config))
-        if any(listen.auth != "none" for listen in self.config.listen):
-            from twisted_mta.smtp.auth import Authenticator
-            try:
-                self.auth = Authenticator.from_config(self.config)
-            except ValueError as e:
-                raise StartupError(str(e))
+        self.prepare_receiving()
         try:
             entries = self.spool.prepare()
         except OSError as e:
@@ -136,61 +109,19 @@ class MTAService(service.MultiService, ServerContext):
         if entries:
             log.info("spool: {n} queued messages recovered", n=len(entries))
 
-    # --- reload -------------------------------------------------------------
+    def reload(self, generation: int | None = None) -> defer.Deferred:
+        """
+        L{ReceivingService.reload}; once this process has reloaded, the
+        receivers are told to, to the same generation.
+        """
+        d = super().reload(generation)
+        if self.receivers is not None:
+            d.addCallback(self.receivers.reload)
+        return d
 
-    def reload(self) -> defer.Deferred:
-        """
-        Read the configuration file again, build a new pipeline (plugin code
-        read afresh), new TLS options, and swap them in together, only if all
-        of it built.  Fires with the new generation number, or fails with
-        L{ReloadError} saying why; a failed reload changes nothing.
-        Sessions keep the pipeline their transaction began with.
-        """
-        old = self.config
-        try:
-            if old.file == configmod.DEFAULT_FILE:
-                new = configmod.default(old.folder)
-            else:
-                new = configmod.load(old.file)
-            pipeline = loader.build_pipeline(new, self.pipeline.generation + 1, reactor=self.reactor,
-                                              shared=self.shared)
-            options = self._tls_for(new, old)
-            if self.auth is not None and hasattr(self.auth, "reload"):
-                self.auth.reload(new)
-        except (configmod.ConfigError, loader.PluginError, StartupError, ValueError) as e:
-            log.error("reload refused, generation {gen} keeps running: {why}",
-                      gen=self.pipeline.generation, why=str(e))
-            return defer.fail(ReloadError(str(e)))
-        notes = self._unapplied(old, new)
-        self.reload_notes = notes
+    def _reconfigured(self, old: Config, new: Config) -> None:
         if new.delivery.nameservers != old.delivery.nameservers:
             self.smtp_agent.resolver = self._mx_resolver(new)
-        self.config = new
-        self.pipeline = pipeline
-        self.tls_options.options = options
-        for note in notes:
-            log.warn("reload: {note}", note=note)
-        log.info("reloaded: generation {gen} with filters {names}", gen=pipeline.generation,
-                 names=[f.name for f in pipeline.filters] or "none")
-        return defer.succeed(pipeline.generation)
-
-    @staticmethod
-    def _unapplied(old: Config, new: Config) -> list[str]:
-        """What a reload cannot change while running: said, never silently ignored."""
-        notes = []
-        if old.listen != new.listen:
-            notes.append("[[listen]] changed; listeners change only on restart")
-        if old.spool != new.spool:
-            notes.append("spool changed; the spool folder changes only on restart")
-        if old.control != new.control:
-            notes.append("control changed; the control endpoint changes only on restart")
-        return notes
-
-    def _sighup(self, signum, frame) -> None:
-        self.reactor.callFromThread(self._reload_logged)
-
-    def _reload_logged(self) -> None:
-        self.reload().addErrback(lambda f: None)  # reload() has logged why
 
     def privilegedStartService(self) -> None:
         # twistd calls this before dropping privileges: listen here, so
@@ -232,6 +163,10 @@ class MTAService(service.MultiService, ServerContext):
                 raise StartupError(f"{self.config.file}: listen[{i}].endpoint: cannot listen on "
                                    f"{listen.endpoint}: {_reason(result[0].value)}")
             self._listening(result[0], listen)
+        if self.receivers is not None:
+            # The receivers accept on these sockets; this process never does.
+            for port in self.ports:
+                port.stopReading()
 
     def startService(self) -> None:
         if self.pipeline is None:

@@ -1,0 +1,247 @@
+"""
+C{receivers = N}: receiving processes on the main process's sockets.
+The end-to-end tests start a real L{MTAService} in this process, which
+starts real receiver processes; clients are smtplib over loopback, with
+STARTTLS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from tests.e2e_support import LOCAL_DOMAIN, Site, in_thread, start_in_process, wait_for
+from twisted_mta import config as configmod
+from twisted_mta.receiver import LogForwarder, state_folder
+from twisted_mta.receivers import ReceiverPool, ReceiverProcess
+from twisted_mta.spool.entry import QueueEntry, RecipientState
+from twisted_mta.spool.store import Spool
+
+RCPT = f"joe@{LOCAL_DOMAIN}"
+
+REFUSER = '''
+from zope.interface import implementer
+from twisted_mta.interfaces import IMailFilter
+from twisted_mta.values import Verdict
+
+@implementer(IMailFilter)
+class Refuser:
+    def mail(self, session, envelope):
+        if envelope.sender.local == "bad":
+            return Verdict.reject("5.7.1", "not you")
+        return Verdict.continue_()
+'''
+
+
+class ConfigTests(unittest.TestCase):
+    def parse(self, text: str):
+        import tomllib
+        return configmod.parse(tomllib.loads(text), "mta.toml", Path("/tmp"))
+
+    def test_default_is_none(self):
+        self.assertEqual(self.parse('[[listen]]\nendpoint = "tcp:2525"').receivers, 0)
+
+    def test_value(self):
+        self.assertEqual(self.parse('receivers = 3\n[[listen]]\nendpoint = "tcp:2525"').receivers,
+                         3)
+
+    def test_bad_values(self):
+        for value in ("-1", "65", '"two"', "1.5", "true"):
+            with self.assertRaises(configmod.ConfigError) as e:
+                self.parse(f'receivers = {value}\n[[listen]]\nendpoint = "tcp:2525"')
+            self.assertIn("mta.toml: receivers: expected an integer from 0 to 64",
+                          str(e.exception))
+
+    def test_unix_listener_refused(self):
+        with self.assertRaises(configmod.ConfigError) as e:
+            self.parse('receivers = 2\n[[listen]]\nendpoint = "tcp:2525"\n'
+                       '[[listen]]\nendpoint = "unix:/tmp/x.sock"')
+        self.assertIn("listen[2].endpoint: receivers = 2 takes tcp: or tcp6: listeners only",
+                      str(e.exception))
+
+    def test_state_folders(self):
+        self.assertIsNone(state_folder(Path("/s"), 1))
+        self.assertEqual(state_folder(Path("/s"), 2), Path("/s/state/receiver-2"))
+
+
+class _Channel:
+    def __init__(self):
+        self.written = []
+        self.transport = self
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class LogForwarderTests(unittest.TestCase):
+    def forward(self, **event):
+        channel = _Channel()
+        LogForwarder(channel)(event)
+        return b"".join(channel.written)
+
+    def test_plain_format(self):
+        from twisted.logger import LogLevel
+        self.assertEqual(self.forward(log_format="from [{ip}] n={n!r}", ip="192.0.2.1", n="x",
+                                      log_level=LogLevel.warn),
+                         b"log warn from [192.0.2.1] n='x'\n")
+
+    def test_each_line_a_record(self):
+        from twisted.logger import LogLevel
+        from twisted.python.failure import Failure
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        out = self.forward(log_format="it broke", log_failure=failure, log_level=LogLevel.critical)
+        lines = out.split(b"\n")
+        self.assertEqual(lines[0], b"log critical it broke")
+        self.assertTrue(all(line.startswith(b"log critical ") for line in lines[:-1]))
+        self.assertIn(b"ZeroDivisionError", out)
+
+    def test_format_it_cannot_do(self):
+        # Twisted's formatter calls "{f()}"; str.format cannot: the fallback does.
+        self.assertEqual(self.forward(log_format="{f()}", f=lambda: "called"),
+                         b"log info called\n")
+
+
+class _MTA:
+    def __init__(self, spool):
+        self.spool = spool
+        self.got = []
+
+    def received(self, entry):
+        self.got.append(entry.id)
+
+
+class RecoveryTests(unittest.TestCase):
+    """A receiver that dies mid-commit: what reached the spool is delivered."""
+
+    def test_committed_ids_recovered(self):
+        spool = Spool(self.mktemp(), inline=True)
+        spool.prepare()
+        self.addCleanup(spool.stop)
+        incoming = spool.new_message()
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        entry = QueueEntry(incoming.id, "a@example.org", [RecipientState("b@example.org")], 0.0)
+        spool.commit(incoming, entry)
+        mta = _MTA(spool)
+        proc = ReceiverProcess(ReceiverPool(mta, 1, Clock()), 1)
+        proc.committing = {incoming.id, "dZzzzzzzzzzzzz"}  # the second never reached the spool
+        proc.pool._recover(proc)
+        self.assertEqual(mta.got, [incoming.id])
+        self.assertEqual(proc.committing, set())
+
+    def test_queued_record_ends_committing(self):
+        mta = _MTA(None)
+        proc = ReceiverProcess(ReceiverPool(mta, 1, Clock()), 1)
+        entry = QueueEntry("dZaaaaaaaaaaaa", "a@example.org", [RecipientState("b@example.org")],
+                           0.0)
+        proc.childDataReceived(1, b"committing dZaaaaaaaaaaaa\nqueu")
+        self.assertEqual(proc.committing, {"dZaaaaaaaaaaaa"})
+        proc.childDataReceived(1, b"ed " + entry.to_json() + b"\ncommitting dZbbbbbbbbbbbb\n")
+        proc.childDataReceived(1, b"aborted dZbbbbbbbbbbbb\n")
+        self.assertEqual(mta.got, ["dZaaaaaaaaaaaa"])
+        self.assertEqual(proc.committing, set())
+
+
+def _send(port: int, ctx, count: int, sender: str = "alice@example.org") -> list[str]:
+    """C{count} messages in one STARTTLS session; returns the replies' queue ids."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=ctx)
+        client.ehlo()
+        for i in range(count):
+            code, text = client.mail(sender)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, text, sender)
+            client.rcpt(RCPT)
+            code, text = client.data(b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i))
+            assert code == 250, (code, text)
+            ids.append(text.decode().rsplit(" ", 1)[-1])
+    return ids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ReceiversEndToEndTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.site = Site(self.mktemp())
+        # Top-level keys go before the first table.
+        self.site.config_path.write_text('receivers = 2\nplugin_paths = ["plugins"]\n'
+                                         + self.site.config_path.read_text())
+        self.mta = start_in_process(self, self.site)
+        yield self.mta.receivers.whenReady()
+        self.ctx = self.site.client_context()
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in self.mta.receivers.processes.values()}
+
+    @defer.inlineCallbacks
+    def test_mail_flows_through_receivers(self):
+        """Sessions are served by the receivers; the main process delivers each once."""
+        self.assertEqual(len(self.pids()), 2)
+        self.assertNotIn(os.getpid(), self.pids())
+        results = yield defer.gatherResults(
+            [in_thread(_send, self.site.port(), self.ctx, 5) for _ in range(4)])
+        ids = {i for batch in results for i in batch}
+        self.assertEqual(len(ids), 20)
+        yield wait_for(lambda: len(self.site.delivered(RCPT)) == 20, "20 deliveries")
+        yield wait_for(lambda: not self.site.queued_ids(), "an empty queue")
+        bodies = sorted(p.read_bytes() for p in self.site.delivered(RCPT))
+        self.assertEqual(len(set(bodies)), 20)
+        self.assertTrue(all(b"Received: from " in b and b"TLS" in b for b in bodies))
+        # The main process never accepted a session itself.
+        self.assertEqual(self.mta.counter.total, 0)
+
+    @defer.inlineCallbacks
+    def test_reload_reaches_receivers(self):
+        plugins = self.site.folder / "plugins"
+        plugins.mkdir()
+        (plugins / "refuser.py").write_text(REFUSER)
+        with open(self.site.config_path, "a") as f:
+            f.write('\n[[filter]]\nuse = "refuser:Refuser"\n')
+        generation = yield self.mta.reload()
+        self.assertEqual(generation, 2)
+        yield wait_for(lambda: all(p.generation == 2
+                                   for p in self.mta.receivers.processes.values()),
+                       "both receivers at generation 2")
+        for _ in range(4):  # whichever receiver takes the session
+            with self.assertRaises(smtplib.SMTPSenderRefused) as e:
+                yield in_thread(_send, self.site.port(), self.ctx, 1, "bad@example.org")
+            self.assertEqual(e.exception.smtp_code, 550)
+        yield in_thread(_send, self.site.port(), self.ctx, 1)
+
+    @defer.inlineCallbacks
+    def test_dead_receiver_restarted(self):
+        victim = self.mta.receivers.processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        yield victim.ended
+        yield wait_for(lambda: 1 in self.mta.receivers.processes, "a new receiver-1")
+        yield self.mta.receivers.whenReady()
+        self.assertNotEqual(self.mta.receivers.processes[1].pid, victim.pid)
+        results = yield defer.gatherResults(
+            [in_thread(_send, self.site.port(), self.ctx, 2) for _ in range(4)])
+        self.assertEqual(len({i for batch in results for i in batch}), 8)
+        yield wait_for(lambda: len(self.site.delivered(RCPT)) == 8, "8 deliveries")
+
+    @defer.inlineCallbacks
+    def test_stop_ends_receivers(self):
+        pids = self.pids()
+        yield self.mta.stopService()
+        self.assertEqual(self.mta.receivers.processes, {})
+        self.assertFalse(any(_alive(pid) for pid in pids))

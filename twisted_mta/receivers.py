@@ -1,0 +1,239 @@
+"""
+The main process's side of C{receivers = N}: it starts N receiving
+processes (L{twisted_mta.receiver}) on its listening sockets, takes what
+they queue into delivery, forwards their log lines, tells them to reload,
+restarts one that dies and recovers the messages it was committing.
+
+Why processes: one Python process receives on one core; a mail server's
+work per message (SMTP, TLS, filters, the spool) is independent from one
+session to the next, so N processes accept on the same sockets (the
+kernel hands each connection to one of them) and the main process, which
+no longer receives, delivers on its own core.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, LogLevel
+
+import twisted_mta
+from twisted_mta import config as configmod
+from twisted_mta.spool.entry import QueueEntry
+from twisted_mta.spool.store import SpoolError
+
+log = Logger()
+
+#: Seconds before restarting a receiver that died: doubling from the first
+#: while it keeps dying soon after start, up to the last.
+RESTART_DELAYS = (0.5, 1, 2, 4, 8, 16, 30, 60)
+#: A receiver that ran this long before dying is restarted at once.
+STABLE_AFTER = 60.0
+#: Seconds a receiver has to finish after SIGTERM before SIGKILL.
+STOP_TIMEOUT = 30.0
+
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+class ReceiverProcess(protocol.ProcessProtocol):
+    """One receiving process, as the main process sees it."""
+
+    def __init__(self, pool: "ReceiverPool", index: int):
+        self.pool = pool
+        self.index = index
+        self.name = f"receiver-{index}"
+        self.started = pool.reactor.seconds()
+        self.ready = defer.Deferred()
+        self.ended = defer.Deferred()
+        self.generation: int | None = None
+        self.committing: set[str] = set()
+        self.pid: int | None = None
+        self._buffers = {1: b"", 2: b""}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    # --- lines from the receiver ---------------------------------------------
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        buf = self._buffers.get(fd, b"") + data
+        *lines, self._buffers[fd] = buf.split(b"\n")
+        handle = self._record if fd == 1 else self._stderr
+        for line in lines:
+            handle(line)
+
+    def _record(self, line: bytes) -> None:
+        verb, _, rest = line.partition(b" ")
+        if verb == b"queued":
+            try:
+                entry = QueueEntry.from_json(rest)
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("{name}: unreadable queued record: {why}", name=self.name, why=e)
+                return
+            self.committing.discard(entry.id)
+            self.pool.mta.received(entry)
+        elif verb == b"committing":
+            self.committing.add(rest.decode("ascii", "replace"))
+        elif verb == b"aborted":
+            self.committing.discard(rest.decode("ascii", "replace"))
+        elif verb == b"log":
+            level, _, text = rest.partition(b" ")
+            log.emit(_LEVELS.get(level.decode("ascii", "replace"), LogLevel.info), "{text}",
+                     text=text.decode("utf-8", "replace"), log_system=self.name)
+        elif verb == b"ready":
+            self.generation = int(rest) if rest.isdigit() else None
+            log.info("{name} (pid {pid}) accepting, generation {gen}", name=self.name,
+                     pid=self.pid, gen=self.generation)
+            if not self.ready.called:
+                self.ready.callback(self)
+        elif verb == b"reloaded":  # the receiver has logged it
+            self.generation = int(rest) if rest.isdigit() else None
+        elif verb == b"refused":
+            log.error("{name}: reload refused, its generation {gen} keeps running: {why}",
+                      name=self.name, gen=self.generation, why=rest.decode("utf-8", "replace"))
+        else:
+            log.warn("{name}: unexpected record {line!r}", name=self.name, line=line[:200])
+
+    def _stderr(self, line: bytes) -> None:
+        log.error("{name}: {line}", name=self.name, line=line.decode("utf-8", "replace"),
+                  log_system=self.name)
+
+    # --- to the receiver ----------------------------------------------------
+
+    def send(self, line: bytes) -> None:
+        if self.transport is not None and self.transport.pid is not None:
+            self.transport.writeToChild(0, line + b"\n")
+
+    def stop(self) -> defer.Deferred:
+        """SIGTERM, and SIGKILL if it has not ended after L{STOP_TIMEOUT}."""
+        if self.ended.called:
+            return defer.succeed(None)
+        try:
+            self.transport.signalProcess("TERM")
+        except error.ProcessExitedAlready:
+            return self.ended
+        timer = self.pool.reactor.callLater(STOP_TIMEOUT, self._kill)
+        self.ended.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return self.ended
+
+    def _kill(self) -> None:
+        log.warn("{name} did not stop within {t} s: killed", name=self.name, t=STOP_TIMEOUT)
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def processEnded(self, reason) -> None:
+        for fd, rest in self._buffers.items():
+            if rest:
+                self.childDataReceived(fd, b"\n")
+        self.pool.ended(self, reason)
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(f"{self.name} ended before it was ready"))
+            self.ready.addErrback(lambda f: None)
+        self.ended.callback(None)
+
+
+class ReceiverPool(service.Service):
+    """
+    Runs C{count} receiving processes for C{mta} (an L{MTAService}), on
+    its listening ports (C{mta.ports}, in C{[[listen]]} order).
+    """
+
+    def __init__(self, mta, count: int, reactor):
+        self.mta = mta
+        self.count = count
+        self.reactor = reactor
+        self.processes: dict[int, ReceiverProcess] = {}
+        self._failures: dict[int, int] = {}
+        self._timers: dict[int, object] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for index in range(1, self.count + 1):
+            self.spawn(index)
+
+    def whenReady(self) -> defer.Deferred:
+        """Fires once every receiver now running has said it is ready."""
+        return defer.gatherResults([p.ready for p in self.processes.values()])
+
+    def spawn(self, index: int) -> ReceiverProcess | None:
+        """Start receiver C{index} on the listening sockets (not while stopping)."""
+        self._timers.pop(index, None)
+        mta = self.mta
+        if self._stopping or not mta.ports:
+            return None
+        child_fds = {0: "w", 1: "r", 2: "r"}
+        for n, port in enumerate(mta.ports, 3):
+            child_fds[n] = port.fileno()
+        args = [sys.executable, "-m", "twisted_mta.receiver", "--index", str(index),
+                "--fds", ",".join(str(n) for n in range(3, 3 + len(mta.ports)))]
+        if mta.pipeline is not None:
+            args += ["--generation", str(mta.pipeline.generation)]
+        if mta.config.file == configmod.DEFAULT_FILE:
+            args += ["--default-folder", str(mta.config.folder)]
+        else:
+            args += ["--config", str(Path(mta.config.file).resolve())]
+        env = dict(os.environ)
+        # The receiver imports this very package, wherever it came from.
+        top = str(Path(twisted_mta.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [top] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        proc = ReceiverProcess(self, index)
+        self.processes[index] = proc
+        self.reactor.spawnProcess(proc, sys.executable, args, env=env, childFDs=child_fds)
+        return proc
+
+    def reload(self, generation: int) -> int:
+        """Tell every receiver to reload to C{generation}; returns it."""
+        for proc in self.processes.values():
+            proc.send(b"reload %d" % generation)
+        return generation
+
+    def ended(self, proc: ReceiverProcess, reason) -> None:
+        """A receiver ended: recover what it was committing; restart it unless stopping."""
+        if self.processes.get(proc.index) is proc:
+            del self.processes[proc.index]
+        self._recover(proc)
+        if self._stopping:
+            log.info("{name} stopped", name=proc.name)
+            return
+        log.error("{name} (pid {pid}) ended: {why}", name=proc.name, pid=proc.pid,
+                  why=reason.value)
+        ran = self.reactor.seconds() - proc.started
+        failures = 0 if ran >= STABLE_AFTER else self._failures.get(proc.index, 0) + 1
+        self._failures[proc.index] = failures
+        delay = 0 if failures == 0 else RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1]
+        log.info("{name}: restarting in {delay} s", name=proc.name, delay=delay)
+        self._timers[proc.index] = self.reactor.callLater(delay, self.spawn, proc.index)
+
+    def _recover(self, proc: ReceiverProcess) -> None:
+        """
+        Messages whose commit the dead receiver had begun and not reported:
+        those that made it into the spool are delivered (the client may
+        not have had its 250, so it may send again: at least once).
+        """
+        for queue_id in sorted(proc.committing):
+            try:
+                entry = self.mta.spool.load(queue_id)
+            except SpoolError:
+                continue  # never committed: the client had no 250
+            log.info("{name}: recovered {id}, committed as it ended", name=proc.name,
+                     id=queue_id)
+            self.mta.received(entry)
+        proc.committing.clear()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self._stopping = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        return defer.DeferredList([p.stop() for p in list(self.processes.values())])
