@@ -61,13 +61,16 @@ def log(msg: str) -> None:
 
 def make_server(name: str, args, **kw) -> S.Server:
     common = {"workdir": args.workdir, "keep": args.keep}
-    if name in ("twisted-mta", "twisted-mta-base"):
-        if name == "twisted-mta-base" and getattr(args, "base_path", None) is None:
+    # twisted-mta-rN: the same with "receivers = N" (N receiving processes)
+    m = re.fullmatch(r"(twisted-mta(?:-base)?)(?:-r(\d+))?", name)
+    if m:
+        base = m.group(1)
+        if base == "twisted-mta-base" and getattr(args, "base_path", None) is None:
             raise SystemExit("twisted-mta-base needs --mta-baseline REV")
-        path = args.base_path if name == "twisted-mta-base" else args.mta_path
+        path = args.base_path if base == "twisted-mta-base" else args.mta_path
         return S.TwistedMTA(mode=kw.pop("mode", args.mta_mode), twistd=args.twistd,
                             python_path=path, switch_interval=args.mta_switch_interval,
-                            **common, **kw)
+                            receivers=int(m.group(2) or 0), **common, **kw)
     if name == "postfix":
         return S.Postfix(mode=kw.pop("mode", args.postfix_mode), **common, **kw)
     if name == "aiosmtpd":

@@ -337,9 +337,11 @@ class TwistedMTA(Server):
     name = "twisted-mta"
 
     def __init__(self, mode: str = "queue", twistd: str | None = None, python_path: Path = REPO,
-                 relay_port: int | None = None, switch_interval: float | None = None, **kw):
+                 relay_port: int | None = None, switch_interval: float | None = None,
+                 receivers: int = 0, **kw):
         super().__init__(**kw)
         self.mode = mode
+        self.receivers = receivers  # "receivers = N" in its config
         #: a diagnostic: sys.setswitchinterval() in the server (via a
         #: sitecustomize in the temp folder; the project is not touched)
         self.switch_interval = switch_interval
@@ -352,6 +354,8 @@ class TwistedMTA(Server):
 
     def describe(self) -> str:
         extra = f", switch interval {self.switch_interval}" if self.switch_interval else ""
+        if self.receivers:
+            extra += f", receivers = {self.receivers}"
         return f"twisted-mta ({self.mode}{extra})"
 
     def config_text(self) -> str:
@@ -359,6 +363,8 @@ class TwistedMTA(Server):
             'hostname = "mta.bench.test"',
             'spool = "spool"',
         ]
+        if self.receivers:  # (older revisions, the baseline, do not know the key)
+            lines.append(f"receivers = {self.receivers}")
         if self.mode == "queue":
             lines.append('plugin_paths = ["plugins"]')
         lines += [

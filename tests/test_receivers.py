@@ -12,6 +12,7 @@ import signal
 import smtplib
 from pathlib import Path
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -245,3 +246,30 @@ class ReceiversEndToEndTests(unittest.TestCase):
         yield self.mta.stopService()
         self.assertEqual(self.mta.receivers.processes, {})
         self.assertFalse(any(_alive(pid) for pid in pids))
+
+
+class GeneratedCertificateTests(unittest.TestCase):
+    """Without [tls], every receiver presents the main process's generated certificate."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_one_certificate(self):
+        import ssl
+        site = Site(self.mktemp(), tls=False)
+        site.config_path.write_text("receivers = 2\n" + site.config_path.read_text())
+        mta = start_in_process(self, site)
+        yield mta.receivers.whenReady()
+
+        def peer_certificate() -> bytes:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            with smtplib.SMTP("127.0.0.1", site.port(), timeout=30) as client:
+                client.starttls(context=ctx)
+                return client.sock.getpeercert(binary_form=True)
+
+        seen = set()
+        for _ in range(8):  # the kernel spreads them over both receivers
+            seen.add((yield in_thread(peer_certificate)))
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(seen.pop(), mta.generated[2][0].public_bytes(Encoding.DER))

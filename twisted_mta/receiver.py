@@ -75,6 +75,20 @@ class _ReportingSpool:
         return d.addErrback(failed)
 
 
+def _generated_from_environment() -> tuple | None:
+    """The main process's generated certificate, if it passed one (and forget it)."""
+    from twisted_mta.receivers import GENERATED_TLS
+    text = os.environ.pop(GENERATED_TLS, None)
+    if not text:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    host, _, pem = text.partition("\n")
+    data = pem.encode("ascii")
+    return (host, serialization.load_pem_private_key(data, password=None),
+            x509.load_pem_x509_certificates(data))
+
+
 class ReceiverService(ReceivingService):
     """One receiving process's server context: queued mail is reported, not delivered."""
 
@@ -87,6 +101,7 @@ class ReceiverService(ReceivingService):
         self.raw_spool = Spool(config.spool, self.reactor)
         self.spool = _ReportingSpool(self.raw_spool, channel)
         self.ports: list = []
+        self.generated = _generated_from_environment()
 
     def queued(self, entry) -> None:
         self.channel.send(b"queued " + entry.to_json())

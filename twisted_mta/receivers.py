@@ -23,6 +23,7 @@ from twisted.logger import Logger, LogLevel
 
 import twisted_mta
 from twisted_mta import config as configmod
+from twisted_mta.smtp import tls as tlsmod
 from twisted_mta.spool.entry import QueueEntry
 from twisted_mta.spool.store import SpoolError
 
@@ -35,6 +36,9 @@ RESTART_DELAYS = (0.5, 1, 2, 4, 8, 16, 30, 60)
 STABLE_AFTER = 60.0
 #: Seconds a receiver has to finish after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 30.0
+
+#: The environment variable carrying a generated certificate to receivers.
+GENERATED_TLS = "TWISTED_MTA_GENERATED_TLS"
 
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
@@ -181,6 +185,13 @@ class ReceiverPool(service.Service):
         else:
             args += ["--config", str(Path(mta.config.file).resolve())]
         env = dict(os.environ)
+        if mta.generated is not None:
+            # The development default's generated certificate, so that all
+            # processes present the same one.  Only the server's own user
+            # (and root) can read a process's environment.
+            host, key, chain = mta.generated
+            key_pem, chain_pem = tlsmod.pem(key, chain)
+            env[GENERATED_TLS] = host + "\n" + (key_pem + chain_pem).decode("ascii")
         # The receiver imports this very package, wherever it came from.
         top = str(Path(twisted_mta.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(

@@ -41,6 +41,8 @@ class ReceivingService(service.MultiService, ServerContext):
     """
 
     state_folder: Path | None = None
+    #: (host name, key, chain) of the certificate generated when [tls] has none
+    generated: tuple | None = None
 
     def __init__(self, config: Config, reactor=None):
         super().__init__()
@@ -63,8 +65,12 @@ class ReceivingService(service.MultiService, ServerContext):
                 key, chain = tlsmod.load_chain(config.tls.certificate, config.tls.key)
             except tlsmod.CertificateError as e:
                 raise StartupError(f"{config.file}: tls: {e}")
+        elif self.generated is not None and self.generated[0] == config.hostname:
+            # One generated certificate for all processes of the server.
+            _, key, chain = self.generated
         else:
             key, chain = tlsmod.self_signed(config.hostname)
+            self.generated = (config.hostname, key, chain)
             log.warn("tls: no [tls] certificate configured; using a generated self-signed "
                      "certificate for {host}", host=config.hostname)
         return tlsmod.server_options(key, chain)
