@@ -458,10 +458,32 @@ class SubprocessTests(unittest.TestCase):
         spool/queue/ID or delivered into a Maildir (found by its unique
         Message-ID).
         """
+        self.kill9_during_burst(receivers=0)
+
+    test_kill9_during_burst.timeout = 300
+
+    def test_kill9_during_burst_with_receivers(self):
+        """
+        The same with two receiving processes: the main process is killed,
+        its receivers end by themselves (their input closes), and nothing
+        they acknowledged is lost.
+        """
+        self.kill9_during_burst(receivers=2)
+
+    test_kill9_during_burst_with_receivers.timeout = 300
+
+    def kill9_during_burst(self, receivers: int):
         closed = e2e.free_port()
         site = Site(self.mktemp(), {"smtp": "starttls"}, networks=["127.0.0.0/8"],
                     relay_route=("127.0.0.1", closed))
+        if receivers:
+            site.config_path.write_text(f"receivers = {receivers}\n"
+                                        + site.config_path.read_text())
         server = e2e.start_process(self, site)
+        if receivers:
+            receiver_pids = e2e.wait_for_blocking(
+                lambda: len(e2e.child_pids(server.proc.pid)) == receivers
+                and e2e.child_pids(server.proc.pid), "the receivers")
         port = site.port()
         ctx = site.client_context()
         acked: dict[str, tuple[str, bytes]] = {}   # Message-ID -> (queue id, message)
@@ -508,6 +530,11 @@ class SubprocessTests(unittest.TestCase):
         e2e.wait_for_blocking(lambda: len(acked) >= 300 or unexpected, "300 messages")
         killed.set()
         server.kill()
+        if receivers:
+            # Their input closed: they stop (and free the port) on their own.
+            e2e.wait_for_blocking(lambda: not any(os.path.exists(f"/proc/{pid}")
+                                                  for pid in receiver_pids),
+                                  "the receivers to end")
         for w in workers:
             w.join(e2e.WAIT_DEADLINE)
             self.assertFalse(w.is_alive(), "a client thread hangs")
@@ -542,8 +569,6 @@ class SubprocessTests(unittest.TestCase):
         after_queued = any(b"<after@client.example.net>" in (site.queue / q).read_bytes()
                            for q in queued)
         self.assertTrue("after@client.example.net" in delivered or after_queued)
-
-    test_kill9_during_burst.timeout = 300
 
 
 class SwaksTests(InProcessTestsMixin, unittest.TestCase):
