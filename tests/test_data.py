@@ -256,6 +256,32 @@ class HasBareNewlineTests(SynchronousTestCase):
                       b"a\r\n\r", *SMUGGLING):
             self.assertTrue(has_bare_newline(chunk), chunk)
 
+    @staticmethod
+    def counted(chunk: bytes) -> bool:
+        """The obvious definition: every CR and every LF is part of a CRLF."""
+        crlf = chunk.count(b"\r\n")
+        return chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf
+
+    def test_everyShortChunk(self):
+        # NUL, and the bytes either side of CR and LF, next to CR and LF.
+        alphabet = [b"\r", b"\n", b"a", b"\x00", b"\x09", b"\x0b", b"\x0c", b"\x0e", b"\xff"]
+        for n in range(6):
+            for letters in itertools.product(alphabet, repeat=n):
+                chunk = b"".join(letters)
+                self.assertEqual(has_bare_newline(chunk), self.counted(chunk), chunk)
+
+    def test_random(self):
+        rng = random.Random(5322)
+        for _ in range(3000):
+            chunk = bytes(rng.choice(b"\r\n\x00\xff.a") for _ in range(rng.randrange(0, 300)))
+            self.assertEqual(has_bare_newline(chunk), self.counted(chunk), chunk)
+        body = b"line of text\r\n" * 5000
+        self.assertFalse(has_bare_newline(body))
+        for i in (0, 7, 35000, len(body) - 1):
+            for bare in (b"\r", b"\n"):
+                chunk = body[:i] + bare + body[i:]
+                self.assertEqual(has_bare_newline(chunk), self.counted(chunk), (i, bare))
+
 
 class NormalizeNewlinesTests(SynchronousTestCase):
     def test_normalize(self):
