@@ -160,6 +160,25 @@ class SafetyTests(WellFormed, SynchronousTestCase):
             code = rng.choice([250, 354, 421, 550])
             self.assertOneReply(Reply(code, enhanced, text), rng.random() < 0.5)
 
+    def test_oneLineSameAsAnyText(self):
+        # format() takes a short cut for one line of printable ASCII; it
+        # must give what the general formatting gives.
+        rng = random.Random(5321)
+        texts = ["", "Ok", " ", "~", "a" * 498, "a" * 499, "a" * 500, "a" * 501, "x" * 2000,
+                 "Ok: queued as 4XkR2b", "<a@b>: Relay access denied", "tab\there",
+                 "del\x7f", "caf\u00e9", "a\rb", "a\nb", ("Ok",), ("a", "b")]
+        texts += ["".join(rng.choice("aZ09 ~!\x1f\x7f\x80") for _ in range(rng.randrange(0, 600)))
+                  for _ in range(300)]
+        codes = [(250, "2.1.0"), (250, None), (354, None), (354, "2.0.0"), (451, "5.7.1"),
+                 (550, "5.123.456"), (550, "bad"), (550, "5.7.1\r\n250 Ok"), (250, ""),
+                 (221, "2.0.0"), (550, 571)]
+        for text in texts:
+            for code, enhanced in codes:
+                reply = Reply(code, enhanced, text)
+                for with_enhanced in (True, False):
+                    self.assertEqual(reply.format(with_enhanced),
+                                     reply._format_lines(with_enhanced), (reply, with_enhanced))
+
 
 class EnhancedCodeTests(SynchronousTestCase):
     def test_valid(self):

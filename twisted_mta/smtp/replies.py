@@ -9,6 +9,7 @@ enhanced status code is checked, and each line is bounded.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -64,6 +65,18 @@ class Reply:
         code hold, the result is exactly one reply: printable ASCII lines
         of at most 512 octets, each starting with the code.
         """
+        text = self.text
+        wanted = self.enhanced if enhanced else None
+        if (type(text) is str and text.isascii() and text.isprintable()
+                and (wanted is None or type(wanted) is str)):
+            # The common case, and every reply the server makes itself: one
+            # line of printable ASCII, with nothing to split or replace.
+            start = _line_start(self.code, wanted)
+            return f"{start}{text[:MAX_REPLY_LINE - 2 - len(start)]}\r\n".encode("ascii")
+        return self._format_lines(enhanced)
+
+    def _format_lines(self, enhanced: bool) -> bytes:
+        """L{format} for any text: one or more lines, anything replaced."""
         lines = self.lines
         last = len(lines) - 1
         prefix = str(self.code)
@@ -119,6 +132,13 @@ def _wire_enhanced(code: int, enhanced: str | None) -> str | None:
     if not (isinstance(enhanced, str) and valid_enhanced(enhanced)):
         return f"{klass}.0.0"
     return klass + enhanced[1:]
+
+
+@functools.lru_cache(maxsize=256)
+def _line_start(code: int, enhanced: str | None) -> str:
+    """The start of a last (or only) reply line: C{"250 2.1.0 "}, C{"354 "}."""
+    wire = _wire_enhanced(code, enhanced)
+    return f"{code} {wire} " if wire else f"{code} "
 
 
 # The replies the server gives in more than one place.  Texts follow what
