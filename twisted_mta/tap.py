@@ -36,6 +36,10 @@ def makeService(options: Options):
         mta.prepare()
     except StartupError as e:
         raise SystemExit(f"twisted-mta: {e}")
+    # Under twistd, whose options are the parent of ours: the service
+    # gives twistd a cheaper observer writing the same lines where twistd
+    # would (twisted_mta.logs.install), when twistd gives it the application.
+    mta.twistd_options = options.parent
     return mta
 
 
