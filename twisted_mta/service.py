@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from twisted_mta import logs
 from twisted_mta.config import Config
 from twisted_mta.control import ControlService, ControlStartupError
 from twisted_mta.delivery.bounce import Bouncer
@@ -43,6 +44,9 @@ def _reason(error: BaseException) -> str:
 
 
 class MTAService(ReceivingService):
+    # twistd's own options, set by tap.makeService when twistd runs it
+    twistd_options = None
+
     def __init__(self, config: Config, reactor=None):
         super().__init__(config, reactor)
         reactor = self.reactor
@@ -71,6 +75,12 @@ class MTAService(ReceivingService):
         if config.receivers:
             self.receivers = ReceiverPool(self, config.receivers, reactor)
             self.receivers.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        # twistd gives us its application before it starts logging: a
+        # cheaper observer for the same lines (twisted_mta.logs).
+        logs.install(parent, self.twistd_options, self.reactor)
 
     def _mx_resolver(self, config: Config) -> MXResolver:
         return MXResolver(make_resolver(config.delivery.nameservers, self.reactor), self.reactor)
