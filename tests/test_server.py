@@ -1151,6 +1151,35 @@ class PipeliningTests(ServerTestCase):
         self.envelope(conn)
         self.assertEqual(calls, [])
 
+    def test_handler_deferreds(self) -> None:
+        """
+        A handler's Deferred that has fired is answered at once, in order,
+        whatever it holds: a reply, None (it answered itself), a failure
+        (a local error, logged); one waiting on another Deferred is waited
+        for, and stops reading.
+        """
+        from twisted.internet.defer import succeed
+        conn = self.ready()
+        inner: Deferred = Deferred()
+        answers = {
+            "reply": lambda: succeed(Reply(250, "2.0.0", "fired")),
+            "self": lambda: succeed(None).addCallback(
+                lambda _: conn.proto._send(Reply(250, "2.0.0", "answered itself"))),
+            "failed": lambda: fail(RuntimeError("broken handler")),
+            "chained": lambda: succeed(None).addCallback(lambda _: inner),
+        }
+        conn.proto.smtp_XTEST = lambda argument: answers[argument]()
+        conn.send(b"XTEST reply\r\nXTEST self\r\nXTEST failed\r\nXTEST chained\r\nNOOP\r\n")
+        replies = conn.take()
+        self.assertEqual([str(r) for r in replies], [
+            "250 2.0.0 fired", "250 2.0.0 answered itself",
+            "451 4.3.0 Error: local error in processing"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(conn.transport.producerState, "paused")
+        inner.callback(Reply(250, "2.0.0", "later"))
+        self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0")])
+        self.assertEqual(conn.transport.producerState, "producing")
+
     def test_slow_rcpt_filter_stops_reading(self) -> None:
         judge = Judge(only="slow", rcpt="later")
         self.use_filters(judge)
@@ -1293,6 +1322,31 @@ class DataTests(ServerTestCase):
         self.assertEqual(again.id, entry.id)
         self.assertIsNone(conn.proto.txn)
         self.cmd(conn, "RCPT TO:<b@example.test>", 503, "5.5.1")
+
+    def test_transaction_logged(self) -> None:
+        # One event per transaction: the line log parsers read, with its
+        # fields also in the event.
+        from twisted.logger import formatEvent, globalLogPublisher
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        conn = self.ready()
+        body = b"Subject: {x}\r\n\r\nHi.\r\n"
+        reply = self.send_message(conn, body, "b@example.test", "c@example.test",
+                                  sender="s{1}@example.org")
+        [entry] = self.ctx.entries
+        [event] = [e for e in events if "result" in e]
+        sid = conn.proto.session.id
+        self.assertEqual(
+            formatEvent(event),
+            f"{entry.id}: client=[{TRUSTED_IP}] session={sid} tls=none user=- "
+            f"from=<s{{1}}@example.org> to=<b@example.test>,<c@example.test> "
+            f"size={len(body)} result={reply}")
+        self.assertEqual((event["id"], event["ip"], event["sid"], event["tls"], event["user"]),
+                         (entry.id, TRUSTED_IP, sid, "none", "-"))
+        self.assertEqual((str(event["sender"]), event["rcpts"], event["size"], event["result"]),
+                         ("s{1}@example.org", "<b@example.test>,<c@example.test>",
+                          len(body), str(reply)))
 
     def test_data_argument(self) -> None:
         conn = self.ready()
