@@ -594,10 +594,33 @@ class SessionTests(unittest.TestCase):
     # --- reuse --------------------------------------------------------------
 
     def test_reset_and_reuse(self):
+        # With PIPELINING, the RSET goes in the same write as the next MAIL.
         h = Harness()
         self.result(h.open())
         d = h.send()
         h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        h.reply(b"250 ok\r\n")
+        self.result(d)
+        h.sent()
+        h.session.reset()
+        self.assertEqual(h.sent(), b"")
+        d = h.send(rcpts=["b@x.test"])
+        self.assertEqual(h.sent(), b"RSET\r\nMAIL FROM:<s@example.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
+        h.reply(b"250 2.0.0 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        h.reply(b"250 ok\r\n")
+        self.assertEqual(self.result(d)[0].status, DELIVERED)
+        # One RSET per reset: none owed for the transaction after.
+        h.sent()
+        d = h.send(rcpts=["c@x.test"])
+        self.assertTrue(h.sent().startswith(b"MAIL FROM:"))
+
+    def test_reset_and_reuse_without_pipelining(self):
+        h = Harness()
+        self.result(h.open(ehlo=EHLO_PLAIN))
+        d = h.send()
+        h.reply(b"250 ok\r\n")
+        h.reply(b"250 ok\r\n")
+        h.reply(b"354 go\r\n")
         h.reply(b"250 ok\r\n")
         self.result(d)
         h.sent()
@@ -607,9 +630,38 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(h.sent(), b"")  # waits for the RSET reply first
         h.reply(b"250 2.0.0 ok\r\n")
         self.assertTrue(h.sent().startswith(b"MAIL FROM:"))
-        h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        h.reply(b"250 ok\r\n")
+        h.reply(b"250 ok\r\n")
+        h.reply(b"354 go\r\n")
         h.reply(b"250 ok\r\n")
         self.assertEqual(self.result(d)[0].status, DELIVERED)
+
+    def test_pipelined_rset_refused_is_stale(self):
+        h = Harness()
+        self.result(h.open())
+        d = h.send()
+        h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+        self.result(d)
+        h.session.reset()
+        h.sent()
+        d = h.send()
+        self.assertTrue(h.sent().startswith(b"RSET\r\nMAIL FROM:"))
+        h.reply(b"502 5.5.1 no RSET here\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.failureResultOf(d, StaleConnection)
+        # Dropped before any message data: the server forgets the transaction.
+        self.assertTrue(h.transport.disconnecting or h.transport.disconnected)
+        self.assertEqual(h.sent(), b"")
+
+    def test_pipelined_rset_on_a_dead_connection_is_stale(self):
+        h = Harness()
+        self.result(h.open())
+        d = h.send()
+        h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+        self.result(d)
+        h.session.reset()
+        d = h.send()
+        h.lose(ConnectionDone())
+        self.failureResultOf(d, StaleConnection)
 
     def test_stale_connection(self):
         h = Harness()

@@ -19,7 +19,8 @@ Three layers, from the bottom:
     LHLO, STARTTLS by policy, AUTH) and L{Session.send} (one mail
     transaction with per-recipient L{Result}s).  A session can carry
     several transactions (connection reuse): L{Session.reset} ends one
-    with RSET.
+    with RSET, which goes in the same write as the next transaction's
+    MAIL when the server offers PIPELINING.
 
 Reply classes, as Postfix applies them: 2xx delivered; 4xx deferred; 5xx
 failed, per recipient for RCPT; a 5xx to MAIL fails every recipient and a
@@ -738,7 +739,8 @@ class Session:
         self.remote: str | None = peer  # for outcomes; the agent may say more (the port)
         self.opened_at = 0.0  # when the connection was made (the agent's clock)
         self._answered = False
-        self._reset: defer.Deferred | None = None
+        self._reset: defer.Deferred | None = None  # an RSET sent, its reply not yet awaited
+        self._rset_owed = False  # an RSET to pipeline before the next MAIL
 
     # --- helpers ------------------------------------------------------------
 
@@ -934,13 +936,15 @@ class Session:
             todo = [i for i in range(n) if results[i] is None]
             if not todo:
                 return list(results)
+            rset, self._rset_owed = self._rset_owed, False
             await self._transaction(sender, recipients, todo, results, source, size, body,
-                                    utf8 and ext.smtputf8, reused)
+                                    utf8 and ext.smtputf8, reused, rset)
             return list(results)
         finally:
             source.close()
 
-    async def _transaction(self, sender, recipients, todo, results, source, size, body, utf8, reused):
+    async def _transaction(self, sender, recipients, todo, results, source, size, body, utf8, reused,
+                           rset=False):
         proto = self.protocol
         ext = self.extensions
         peer = self.peer
@@ -951,10 +955,22 @@ class Session:
         def broken(error: SMTPClientError) -> Result:
             return Result(DEFERRED, error.text(peer))
 
-        # MAIL, RCPT..., DATA: one write with PIPELINING, else one at a time.
+        # [RSET,] MAIL, RCPT..., DATA: one write with PIPELINING, else one
+        # at a time.  (RSET is owed only with PIPELINING: see reset.)
         data_reply: Reply | SMTPClientError | None = None
         if ext.pipelining:
-            replies = await _gather(proto.send([mail, *rcpts, b"DATA"], t))
+            lines = [mail, *rcpts, b"DATA"]
+            if rset:
+                lines.insert(0, b"RSET")
+            replies = await _gather(proto.send(lines, t))
+            if rset:
+                rset_reply = replies.pop(0)
+                if isinstance(rset_reply, Reply) and not rset_reply.positive:
+                    # As when the RSET was sent on its own: this connection is
+                    # not to be trusted; drop it (the server forgets the
+                    # transaction) and let the caller use a new one.
+                    proto.abort()
+                    raise StaleConnection()
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply = await _gather1(proto.command(mail, t))
@@ -1053,14 +1069,21 @@ class Session:
 
     def reset(self) -> None:
         """
-        Send RSET now (the transaction is over) without waiting: the next
-        L{send} on this session awaits its reply first, and takes a
-        failure as a stale connection.  Keeps reusable connections checked
-        without a round trip on the delivery's path.
+        End the transaction with RSET, without a round trip on the
+        delivery's path.  With PIPELINING, the RSET goes in the same write
+        as the next L{send}'s MAIL (a write and a reply to read fewer per
+        message; a dead or refusing connection then shows there, and
+        L{send} raises L{StaleConnection}).  Without, it is sent now and
+        the next L{send} awaits its reply first, taking a failure as a
+        stale connection.
         """
-        if self.usable:
-            self._reset = self.protocol.command(b"RSET", self.timeouts.command)
-            self._reset.addErrback(lambda f: f.trap(SMTPClientError) and None)
+        if not self.usable:
+            return
+        if self.extensions.pipelining:
+            self._rset_owed = True
+            return
+        self._reset = self.protocol.command(b"RSET", self.timeouts.command)
+        self._reset.addErrback(lambda f: f.trap(SMTPClientError) and None)
 
     def quit(self, timeout: float = 10.0) -> defer.Deferred:
         """
@@ -1070,8 +1093,7 @@ class Session:
         proto = self.protocol
         if proto.closed:
             return defer.succeed(None)
-        if self._reset is not None:
-            self._reset = None
+        self._reset, self._rset_owed = None, False
         if proto.usable:
             d = proto.command(b"QUIT", timeout)
             d.addBoth(lambda _: proto.close())
@@ -1093,8 +1115,16 @@ class Session:
 
 
 async def _gather(ds: list[defer.Deferred]) -> list:
-    """Each Deferred's reply, or the L{SMTPClientError} it failed with; all are consumed."""
-    return [await _gather1(d) for d in ds]
+    """
+    Each Deferred's reply, or the L{SMTPClientError} it failed with; all
+    are consumed.  The Deferreds are those of replies awaited in order
+    (L{ClientProtocol.send}): they fire in that order, whether with
+    replies or with the error that ends the connection, so once the last
+    has fired, so have the others.  Waiting for it alone resumes the
+    caller once for a pipelined group, not once per reply.
+    """
+    last = await _gather1(ds[-1])
+    return [await _gather1(d) for d in ds[:-1]] + [last]
 
 
 async def _gather1(d: defer.Deferred):
