@@ -14,7 +14,7 @@ from zope.interface import implementer
 from tests.support import make_config
 from twisted_mta import loader
 from twisted_mta.delivery.agent import Outcome
-from twisted_mta.delivery.manager import DeliveryManager
+from twisted_mta.delivery.manager import DeliveryManager, Limiter
 from twisted_mta.interfaces import IDeliveryObserver
 from twisted_mta.pipeline import LoadedPlugin
 from twisted_mta.spool.entry import QueueEntry, RecipientState
@@ -301,3 +301,67 @@ class ManagerTests(unittest.SynchronousTestCase):
         manager.startService()
         self.clock.advance(0)
         self.assertEqual(self.maildir.calls[-1][0], entry.id)
+
+
+class LimiterTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.per_key, self.total = 2, 3
+        self.limiter = Limiter(lambda: self.per_key, lambda: self.total)
+        self.got: list[str] = []
+
+    def acquire(self, key):
+        d = self.limiter.acquire(key)
+        d.addCallback(self.got.append)
+        return d
+
+    def test_per_key_and_total(self):
+        for key in ("a", "a", "a", "b", "b"):
+            self.acquire(key)
+        self.assertEqual(self.got, ["a", "a", "b"])  # a: 2 per key; then 3 in all
+        self.assertEqual(self.limiter.waiting, 2)
+        self.assertEqual(self.limiter.in_all, 3)
+        self.assertEqual(dict(self.limiter.active), {"a": 2, "b": 1})
+
+    def test_release_serves_the_oldest_waiter_with_room(self):
+        for key in ("a", "a", "b", "a", "c", "b"):
+            self.acquire(key)
+        self.assertEqual(self.got, ["a", "a", "b"])
+        # Waiting, oldest first: a (at its cap), c, b.
+        self.limiter.release("b")
+        self.assertEqual(self.got[3:], ["c"])
+        self.limiter.release("a")
+        self.assertEqual(self.got[4:], ["a"])  # older than b
+        self.limiter.release("c")
+        self.assertEqual(self.got[5:], ["b"])
+        self.assertEqual(self.limiter.waiting, 0)
+        self.assertEqual(dict(self.limiter.active), {"a": 2, "b": 1})
+
+    def test_keys_at_their_cap_do_not_block_others(self):
+        self.total = 10
+        for key in ["a"] * 5 + ["b"]:
+            self.acquire(key)
+        self.assertEqual(self.got, ["a", "a", "b"])
+        self.limiter.release("a")
+        self.assertEqual(self.got, ["a", "a", "b", "a"])
+        self.assertEqual(self.limiter.waiting, 2)
+
+    def test_reentrant_release_in_a_callback(self):
+        # A delivery that finishes at once releases its slot from within
+        # the acquisition's callback: every waiter still gets its turn.
+        self.per_key = self.total = 1
+        for _ in range(5):
+            self.limiter.acquire("a").addCallback(lambda key: (self.got.append(key),
+                                                               self.limiter.release(key)))
+        self.assertEqual(self.got, ["a"] * 5)
+        self.assertEqual(self.limiter.in_all, 0)
+        self.assertEqual(dict(self.limiter.active), {})
+        self.assertEqual(self.limiter.waiting, 0)
+
+    def test_many_waiters_for_one_key(self):
+        self.per_key, self.total = 20, 100
+        for _ in range(5000):
+            self.acquire("a")
+        for _ in range(5000):
+            self.limiter.release("a")
+        self.assertEqual(len(self.got), 5000)
+        self.assertEqual(self.limiter.in_all, 0)
