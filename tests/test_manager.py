@@ -365,3 +365,14 @@ class LimiterTests(unittest.SynchronousTestCase):
             self.limiter.release("a")
         self.assertEqual(len(self.got), 5000)
         self.assertEqual(self.limiter.in_all, 0)
+
+
+class MailboxTests(unittest.SynchronousTestCase):
+    def test_parsed_once_and_shared(self):
+        from twisted_mta.delivery.agent import mailbox
+        from twisted_mta.spool.entry import parse_address
+        a = mailbox("Someone@Example.TEST")
+        self.assertEqual(a, parse_address("Someone@Example.TEST"))
+        self.assertIs(mailbox("Someone@Example.TEST"), a)
+        with self.assertRaises(ValueError):
+            mailbox("not an address")

@@ -681,3 +681,99 @@ class WithManagerTests(AgentTestCase):
         self.assertEqual(len(sink.messages), 30)
         self.assertLessEqual(sink.max_active, 3)
         self.assertLessEqual(sink.connections, 3)
+
+
+class FakeReadSpool:
+    """A spool whose I/O jobs wait until the test runs them (run_io), over a generator it watches."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+        self.jobs: list[tuple[object, defer.Deferred]] = []
+        self.closed = False
+        self.opened = 0
+
+    def read_message(self, entry):
+        self.opened += 1
+        try:
+            yield from self.chunks
+        finally:
+            self.closed = True
+
+    def run_io(self, job):
+        d = defer.Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run_jobs(self):
+        jobs, self.jobs = self.jobs, []
+        for job, d in jobs:
+            try:
+                d.callback(job())
+            except Exception as e:
+                d.errback(e)
+
+
+class SpoolSourceTests(unittest.SynchronousTestCase):
+    def test_first_batch_is_read_ahead(self):
+        spool = FakeReadSpool([b"a" * 10, b"b" * 10])
+        source = SpoolSource(spool, entry=None)
+        self.assertEqual(len(spool.jobs), 1)  # asked for at once, before any read()
+        spool.run_jobs()
+        self.assertEqual(self.successResultOf(source.read()), b"a" * 10 + b"b" * 10)
+        self.assertEqual(self.successResultOf(source.read()), b"")
+        source.close()
+        self.assertEqual(spool.jobs, [])  # read to the end: nothing left to close
+
+    def test_batches(self):
+        self.patch(SpoolSource, "batch", 10)
+        spool = FakeReadSpool([b"a" * 10, b"b" * 10, b"c" * 5])
+        source = SpoolSource(spool, entry=None)
+        got = []
+        while True:
+            d = source.read()
+            spool.run_jobs()
+            chunk = self.successResultOf(d)
+            if not chunk:
+                break
+            got.append(chunk)
+        self.assertEqual(got, [b"a" * 10, b"b" * 10, b"c" * 5])
+        self.assertEqual(spool.opened, 1)
+
+    def test_closed_before_the_read_ahead_is_taken(self):
+        # The transaction ended before the data (a refused recipient): the
+        # file is closed once the read ahead is over, in an I/O job.
+        self.patch(SpoolSource, "batch", 10)
+        spool = FakeReadSpool([b"a" * 10, b"b" * 10])
+        source = SpoolSource(spool, entry=None)
+        source.close()
+        self.assertFalse(spool.closed)
+        spool.run_jobs()  # the read ahead
+        self.assertFalse(spool.closed)
+        self.assertEqual(len(spool.jobs), 1)  # the close, in the I/O thread
+        spool.run_jobs()
+        self.assertTrue(spool.closed)
+        self.assertEqual(self.successResultOf(source.read()), b"")
+
+    def test_failed_read_ahead_not_taken_is_dropped(self):
+        class Broken(FakeReadSpool):
+            def read_message(self, entry):
+                raise OSError(2, "No such file or directory")
+                yield
+        spool = Broken([])
+        source = SpoolSource(spool, entry=None)
+        source.close()
+        spool.run_jobs()  # the read ahead fails: no error is left unhandled
+        spool.run_jobs()  # (closing the generator that raised)
+        self.assertEqual(spool.jobs, [])
+
+    def test_failed_read_ahead_is_given_to_the_reader(self):
+        class Broken(FakeReadSpool):
+            def read_message(self, entry):
+                raise OSError(2, "No such file or directory")
+                yield
+        spool = Broken([])
+        source = SpoolSource(spool, entry=None)
+        d = source.read()
+        spool.run_jobs()
+        self.failureResultOf(d, OSError)
+        source.close()

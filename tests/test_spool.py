@@ -97,6 +97,10 @@ class SpoolTests(unittest.SynchronousTestCase):
         self.assertTrue((self.spool.corrupt / entry.id).exists())
         self.flushLoggedErrors()
 
+    def test_run_io_inline_runs_at_once(self):
+        self.assertEqual(self.successResultOf(self.spool.run_io(lambda: 42)), 42)
+        self.failureResultOf(self.spool.run_io(lambda: 1 / 0), ZeroDivisionError)
+
     def test_remove(self):
         entry = self.receive()
         self.successResultOf(self.spool.save(entry))
@@ -348,6 +352,30 @@ class ThreadedSpoolTests(unittest.TestCase):
         yield defer.gatherResults(last)
         self.assertEqual(os.listdir(spool.queue), [])
         self.assertEqual(spool._tails, {})
+
+    @defer.inlineCallbacks
+    def test_run_io_jobs_of_one_turn_go_together_with_their_results(self):
+        path = Path(self.mktemp())
+        spool = Spool(path)
+        self.addCleanup(spool.stop)
+        spool.prepare()
+        handed = []
+        real_submit = spool._io_threads.submit
+
+        def submit(fn, *args):
+            handed.append(fn)
+            return real_submit(fn, *args)
+        spool._io_threads.submit = submit
+
+        def boom():
+            raise OSError(5, "Input/output error")
+        ds = [spool.run_io(lambda: 1), spool.run_io(boom), spool.run_io(lambda: "three")]
+        one, two, three = yield defer.DeferredList(ds, consumeErrors=True)
+        self.assertEqual(one, (True, 1))
+        self.assertFalse(two[0])
+        self.assertIsInstance(two[1].value, OSError)
+        self.assertEqual(three, (True, "three"))
+        self.assertEqual(len(handed), 1)  # one hand-off for the three
 
     def test_kill_9_recovers_exactly_the_acknowledged(self):
         """

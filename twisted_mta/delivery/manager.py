@@ -33,7 +33,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
-from twisted_mta.delivery.agent import DEFERRED, DELIVERED, FAILED, Outcome
+from twisted_mta.delivery.agent import DEFERRED, DELIVERED, FAILED, Outcome, mailbox
 from twisted_mta.pipeline import PLUGIN_FAILURE
 from twisted_mta.spool.entry import QueueEntry, RecipientState
 from twisted_mta.values import Envelope, Route
@@ -221,12 +221,13 @@ class DeliveryManager(Service):
     async def _route(self, entry: QueueEntry, due: list[RecipientState]) -> dict:
         """Group C{due} by next hop: {nexthop: (route, [rcpt])}, and None: ([], outcomes)."""
         pipeline = self.pipeline()
-        envelope = Envelope(sender=entry.sender_address, body=entry.body, smtputf8=entry.smtputf8,
-                            recipients=tuple(r.mailbox for r in entry.recipients))
+        envelope = Envelope(sender=mailbox(entry.sender) if entry.sender else None, body=entry.body,
+                            smtputf8=entry.smtputf8,
+                            recipients=tuple(mailbox(r.address) for r in entry.recipients))
         groups: dict = {None: ([], [])}
         cache: dict[str, object] = {}
         for r in due:
-            address = r.mailbox
+            address = mailbox(r.address)
             if r.route:
                 route = Route.from_dict(r.route)
             elif address.domain_key in cache:

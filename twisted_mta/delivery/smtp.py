@@ -23,19 +23,20 @@ How an attempt goes (Postfix's rules where the issue is silent):
   - C{tls = "opportunistic"}: when the TLS handshake itself fails (the
     connection is gone then), the same hop is tried once more, in
     plaintext (see L{Session.open}).
-  - After a transaction the connection is kept, with an RSET sent to
-    check it, for L{SMTPAgent.idle_timeout} seconds for the next delivery
-    to the same next hop; at most C{max_per_destination} idle connections
+  - After a transaction the connection is kept (ended with an RSET, which
+    goes with the next transaction's MAIL when the server offers
+    PIPELINING: see L{Session.reset}) for L{SMTPAgent.idle_timeout}
+    seconds for the next delivery to the same next hop; at most C{max_per_destination} idle connections
     per next hop (the manager already caps concurrent deliveries per next
     hop at the same number, and an idle connection is always taken before
     a new one is made, so the connections to one next hop never exceed
     it).  A connection is used for at most L{SMTPAgent.reuse_limit}
     transactions and L{SMTPAgent.reuse_time_limit} seconds.
 
-The message is read from the spool in a thread, in batches of about
-L{SpoolSource.batch} bytes, while the previous batch is on its way: never
-all of a large message in memory, never a blocking read on the reactor
-thread.
+The message is read from the spool in the spool's I/O thread, in batches
+of about L{SpoolSource.batch} bytes, while the previous batch is on its
+way (the first while the commands before the data are): never all of a
+large message in memory, never a blocking read on the reactor thread.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_mta.delivery.agent import DEFERRED, FAILED, IDeliveryAgent, Outcome
+from twisted_mta.delivery.agent import DEFERRED, FAILED, IDeliveryAgent, Outcome, mailbox
 from twisted_mta.smtp.client import (
     ClientProtocol, Credentials, HopError, Result, Session, StaleConnection, Timeouts,
     client_tls_options, trust_root_from_pem,
@@ -62,21 +63,29 @@ log = Logger()
 class SpoolSource:
     """
     A L{MessageSource} over L{Spool.read_message}: each L{read} pulls about
-    L{batch} bytes from the spool's generator in a thread of C{threadpool}.
+    L{batch} bytes from the spool's generator in the spool's I/O thread
+    (L{Spool.run_io}).  The first batch is asked for as soon as the source
+    is made: it is read while MAIL, RCPT and DATA are on their way, and
+    the reads of the deliveries started in one reactor turn (the messages
+    of one group commit) share one thread hand-off, which was a tenth of
+    the reactor's time per relayed message when each had its own.
     """
 
     batch = 256 * 1024
 
-    def __init__(self, spool, entry, reactor, threadpool):
+    def __init__(self, spool, entry):
         self.spool, self.entry = spool, entry
-        self.reactor, self.threadpool = reactor, threadpool
         self._it = None
         self._done = False
+        self._ahead: defer.Deferred | None = self.spool.run_io(self._read)
 
     def read(self) -> defer.Deferred:
+        if self._ahead is not None:
+            d, self._ahead = self._ahead, None
+            return d
         if self._done:
             return defer.succeed(b"")
-        return deferToThreadPool(self.reactor, self.threadpool, self._read)
+        return self.spool.run_io(self._read)
 
     def _read(self) -> bytes:
         if self._it is None:
@@ -92,10 +101,19 @@ class SpoolSource:
         return b"".join(out)
 
     def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            self._close()
+            return
+        # The batch read ahead was not wanted (the transaction ended
+        # before the data): close once that read is over.  Its error, if
+        # any, concerns no one now.
+        ahead.addCallbacks(lambda _: self._close(), lambda _: self._close())
+
+    def _close(self) -> None:
         it, self._it = self._it, None
         if it is not None and not self._done:
-            self._done = True
-            deferToThreadPool(self.reactor, self.threadpool, it.close).addErrback(
+            self.spool.run_io(it.close).addErrback(
                 lambda f: log.failure("closing a queue file", f))
         self._done = True
 
@@ -255,7 +273,7 @@ class PooledAgent:
     # --- a transaction --------------------------------------------------------
 
     def _source(self, entry) -> SpoolSource:
-        return SpoolSource(self.spool, entry, self.reactor, self.threadpool)
+        return SpoolSource(self.spool, entry)
 
     async def _send(self, session: Session, entry, addresses: list[str]) -> list[Result]:
         return await session.send(entry.sender, addresses, self._source(entry), size=message_size(entry),
@@ -339,7 +357,7 @@ class SMTPAgent(PooledAgent):
         cfg = self.config()
         addresses = [r.address for r in recipients]
         n = len(addresses)
-        domain = recipients[0].mailbox.domain_key
+        domain = mailbox(recipients[0].address).domain_key
         key = self._key(route, domain)
 
         reused = await self._reuse(key, entry, addresses)

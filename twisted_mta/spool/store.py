@@ -54,7 +54,7 @@ import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -63,6 +63,8 @@ from twisted.python.failure import Failure
 from twisted_mta.spool.entry import QueueEntry
 
 log = Logger()
+
+T = TypeVar("T")
 
 _TRAILER_MAGIC = b"\nTMTA1 "
 # "\nTMTA1 " + 10 digits + " " + 8 hex digits + "\n"
@@ -496,6 +498,7 @@ class Spool:
             from twisted.internet import reactor
         self.path = Path(path)
         self.queue = self.path / "queue"
+        self._queue_path = str(self.queue)
         self.incoming = self.path / "incoming"
         self.corrupt = self.path / "corrupt"
         self._reactor = reactor
@@ -721,7 +724,7 @@ class Spool:
         earlier retry (see L{DeliveryManager._must_sync}); a crash then
         leaves the last save before it, or none.
         """
-        path = self.queue / entry.id
+        path = os.path.join(self._queue_path, entry.id)  # a str: a Path costs more to make
         record = _save_record(entry.to_json())
 
         def job() -> None:
@@ -754,19 +757,29 @@ class Spool:
 
         return self._in_order(queue_id, lambda: self._io(job))
 
-    def _io(self, job: Callable[[], None]) -> Deferred:
+    def run_io(self, job: Callable[[], T]) -> Deferred:
         """
-        Run C{job} in an I/O thread (not synced); fires when it has run.
-        The jobs asked for in one turn of the reactor go to the thread
-        together, and come back together: a thread hand-off each was
-        measurable (two context switches and a wake-up of the reactor).
+        Run C{job} (blocking disk work that need not be synced, such as
+        reading a queued message) in the spool's I/O thread; the Deferred
+        fires with what it returns.  As for the spool's own unlinks and
+        unsynced saves, the jobs asked for in one reactor turn go to the
+        thread together, and come back together.
+        """
+        return self._io(job)
+
+    def _io(self, job: Callable[[], T]) -> Deferred:
+        """
+        Run C{job} in an I/O thread (not synced); fires with its result
+        when it has run.  The jobs asked for in one turn of the reactor go
+        to the thread together, and come back together: a thread hand-off
+        each was measurable (two context switches and a wake-up of the
+        reactor).
         """
         if self._io_threads is None:
             try:
-                job()
+                return succeed(job())
             except BaseException:
                 return fail()
-            return succeed(None)
         d: Deferred = Deferred()
         self._io_pending.append((job, d))
         if not self._io_scheduled:
@@ -780,8 +793,8 @@ class Spool:
         if not group:
             return
 
-        def run() -> list[BaseException | None]:
-            return [_GroupSync._one(job) for job, _ in group]
+        def run() -> list[tuple[bool, object]]:
+            return [_call(job) for job, _ in group]
 
         try:
             future = self._io_threads.submit(run)
@@ -793,11 +806,11 @@ class Spool:
 
     @staticmethod
     def _io_done(group, future: Future) -> None:
-        for (_, d), error in zip(group, future.result()):
-            if error is None:
-                d.callback(None)
+        for (_, d), (ok, value) in zip(group, future.result()):
+            if ok:
+                d.callback(value)
             else:
-                d.errback(Failure(error))
+                d.errback(Failure(value))
 
     def _in_order(self, queue_id: str, start: Callable[[], Deferred]) -> Deferred:
         """
@@ -831,6 +844,14 @@ class Spool:
             self._io_threads.shutdown(wait=True)
             self._io_send()  # what was asked for in this last turn: now, here
         self._pool.close()
+
+
+def _call(job: Callable[[], T]) -> tuple[bool, object]:
+    """(True, what C{job} returned) or (False, the exception it raised)."""
+    try:
+        return True, job()
+    except BaseException as e:
+        return False, e
 
 
 def _read_head(f, limit: int) -> tuple[bytes, int]:
