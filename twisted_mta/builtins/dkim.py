@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from twisted.names import dns, error as dns_error
 from zope.interface import implementer
 
+from twisted_mta.builtins._context import ContextResolver, reactor_of
 from twisted_mta.network import in_networks
 from twisted_mta.interfaces import IDataFilter
 from twisted_mta.smtp.grammar import is_domain
@@ -147,13 +148,6 @@ def _run(reactor, f, *args):
     if pool is None:
         return maybeDeferred(f, *args)
     return threads.deferToThreadPool(reactor, pool(), f, *args)
-
-
-def _reactor(context):
-    reactor = getattr(context, "reactor", None)
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor
 
 
 def _read(message) -> bytes:
@@ -319,7 +313,7 @@ class DKIMSign:
                 raise ValueError(f"oversign: {name} must not be signed (RFC 6376 5.4.1)")
         self.networks = _networks(networks, context, "networks")
         self.subdomains = _bool(subdomains, "subdomains")
-        self.reactor = _reactor(context)
+        self.reactor = reactor_of(context)
         for key in self.keys:
             log.info("dkim_sign: {name} IN TXT \"{record}\"", name=key.dns_name,
                      record=key.record)
@@ -540,6 +534,8 @@ def check(verifier, results: list[Result], records: dict) -> list[Result]:
 class DKIMVerify:
     """See the module docstring and docs/builtins/dkim_verify.md."""
 
+    resolver = ContextResolver()
+
     def __init__(self, reject_fail: bool = False, max_signatures: int = 5,
                  inbound_only: bool = True, networks=None, min_key_bits: int = 1024,
                  authserv_id: str | None = None, context=None):
@@ -565,18 +561,8 @@ class DKIMVerify:
         self.pattern = authserv_pattern(authserv_id)
         self._forged = re.compile(self.pattern)
         self.context = context
-        self.reactor = _reactor(context)
-        self._resolver = None
+        self.reactor = reactor_of(context)
 
-    @property
-    def resolver(self):
-        if self._resolver is None:
-            self._resolver = self.context.resolver
-        return self._resolver
-
-    @resolver.setter
-    def resolver(self, value):
-        self._resolver = value
 
     def data(self, session, envelope, message):
         changes = []

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.names import dns, error as dns_error
 from zope.interface import implementer
 
+from twisted_mta.builtins._context import ContextResolver, reactor_of
 from twisted_mta.builtins.spf_eval import (
     FAIL, NEUTRAL, NONE, PASS, PERMERROR, RESULTS, SOFTFAIL, TEMPERROR, Answer, Check, Query,
     Result,
@@ -306,6 +307,8 @@ class _Pending:
 class SPF:
     """See the module docstring and docs/builtins/spf.md."""
 
+    resolver = ContextResolver()
+
     def __init__(self, allow=(), skip_relay_networks: bool = True, time_limit: float = 20,
                  authserv_id: str | None = None, context=None, **results):
         policy = dict(DEFAULT_POLICY)
@@ -339,24 +342,11 @@ class SPF:
         self.pattern = authserv_pattern(authserv_id)
         self._forged = re.compile(self.pattern)
         self.context = context
-        self.reactor = getattr(context, "reactor", None)
-        if self.reactor is None:
-            from twisted.internet import reactor
-            self.reactor = reactor
-        self._resolver = None
+        self.reactor = reactor_of(context)
         # Session -> _Pending: gone with the session (a new value after
         # HELO, STARTTLS or AUTH, and at the end of the connection).
         self._checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    @property
-    def resolver(self):
-        if self._resolver is None:
-            self._resolver = self.context.resolver
-        return self._resolver
-
-    @resolver.setter
-    def resolver(self, value):
-        self._resolver = value
 
     # --- who is checked ----------------------------------------------------------
 
