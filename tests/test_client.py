@@ -534,6 +534,39 @@ class SessionTests(unittest.TestCase):
         [a] = self.result(d)
         self.assertEqual(a.reply, f"451 4.4.2 conversation with {PEER} timed out while sending DATA command")
 
+    def test_one_timer_while_replies_come(self):
+        h = Harness()
+        self.result(h.open())
+        self.assertEqual(h.clock.getDelayedCalls(), [])  # nothing awaited, no timer
+        d = h.send(rcpts=["a@x.test", "b@x.test"])
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.clock.advance(100)
+        h.reply(b"250 ok\r\n250 ok\r\n")  # two turns began; the timer was not remade
+        [timer] = h.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 300)
+        h.clock.advance(200)  # it goes off early, and sets itself for the rest
+        [timer] = h.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 400)
+        h.clock.advance(99)
+        self.assertNoResult(d)
+        h.reply(b"250 ok\r\n354 go\r\n250 ok\r\n")
+        self.assertEqual([r.status for r in self.result(d)], [DELIVERED, DELIVERED])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_shorter_timeout_moves_the_timer(self):
+        clock = Clock()
+        proto = ClientProtocol(clock, 600)
+        proto.makeConnection(StringTransport())
+        second = proto.expect(30, "waiting for the second")
+        clock.advance(10)
+        proto.dataReceived(b"220 hi\r\n")  # the greeting, within its 600 s
+        self.assertEqual(self.result(proto.greeting).code, 220)
+        clock.advance(29)
+        self.assertNoResult(second)
+        clock.advance(1)  # 30 s after its turn began, not 600 s after the first
+        self.assertEqual(self.failureResultOf(second, client.ReplyTimeout).value.stage,
+                         "waiting for the second")
+
     def test_data_timeout(self):
         h = Harness()
         self.result(h.open())

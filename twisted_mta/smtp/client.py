@@ -88,7 +88,15 @@ def parse_reply_line(line: bytes) -> tuple[int, bool, str]:
     sep = line[3:4]
     if sep not in (b"", b" ", b"-"):
         raise MalformedReply(f"not a reply line: {_show(line)}")
-    text = _CONTROL.sub("?", line[4:].decode("utf-8", "replace"))
+    raw = line[4:]
+    if raw.isascii():
+        # The usual case, without a regex: for ASCII, the characters
+        # isprintable refuses are exactly those _CONTROL replaces.
+        text = raw.decode("ascii")
+        if not text.isprintable():
+            text = _CONTROL.sub("?", text)
+    else:
+        text = _CONTROL.sub("?", raw.decode("utf-8", "replace"))
     return int(code), sep != b"-", text
 
 
@@ -133,15 +141,10 @@ class ReplyParser:
 
     def feed(self, data: bytes) -> list[Reply]:
         buffer = self._buffer + data if self._buffer else data
+        *lines, rest = buffer.split(b"\n")
         replies = []
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            line = buffer[start:end]
-            start = end + 1
-            if line.endswith(b"\r"):
+        for line in lines:
+            if line[-1:] == b"\r":
                 line = line[:-1]
             if len(line) > self.max_line:
                 raise MalformedReply(f"reply line longer than {self.max_line} octets")
@@ -155,7 +158,7 @@ class ReplyParser:
             if last:
                 replies.append(make_reply(code, self._lines))
                 self._code, self._lines = None, []
-        self._buffer = buffer[start:]
+        self._buffer = rest
         if len(self._buffer) > self.max_line:
             raise MalformedReply(f"reply line longer than {self.max_line} octets")
         return replies
@@ -442,6 +445,7 @@ class ClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._waiting: deque[_Expected] = deque()
         self._timer = None
+        self._deadline: float | None = None  # for the reply awaited first (see _rearm)
         self._broken: SMTPClientError | None = None
         self._paused = False
         self._resumed: defer.Deferred | None = None
@@ -613,19 +617,46 @@ class ClientProtocol(Protocol):
             self.transport.loseConnection()
 
     # --- timers -------------------------------------------------------------
+    #
+    # The reply awaited first must come within its timeout of its turn,
+    # and a turn begins with each reply: five or so per message.  Instead
+    # of a timer cancelled and made anew each time, the deadline is kept
+    # as a number, and one timer runs while replies are awaited: when it
+    # goes off before the deadline (which has moved on since it was set),
+    # it sets itself for the rest.  It is cancelled when nothing is
+    # awaited, and moved when a deadline comes before it.
 
     def _cancel_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
     def _rearm(self) -> None:
-        self._cancel_timer()
-        if self._waiting:
-            self._timer = self.clock.callLater(self._waiting[0].timeout, self._timed_out)
+        if not self._waiting:
+            self._cancel_timer()
+            return
+        timeout = self._waiting[0].timeout
+        self._deadline = self.clock.seconds() + timeout
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self._deadline:
+                return
+            timer.cancel()
+        self._timer = self.clock.callLater(timeout, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        left = self._deadline - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._tick)
+            return
+        self._timed_out()
 
     def _timed_out(self) -> None:
-        self._timer = None
+        self._timer = self._deadline = None
         stage = self._waiting[0].stage if self._waiting else "waiting for a reply"
         self._break(ReplyTimeout("timed out", stage))
 
