@@ -97,6 +97,28 @@ class SpoolTests(unittest.SynchronousTestCase):
         self.assertTrue((self.spool.corrupt / entry.id).exists())
         self.flushLoggedErrors()
 
+    def test_writes_to_one_entry_wait_their_turn(self):
+        first, second = defer.Deferred(), defer.Deferred()
+        started = []
+
+        def start(n, d):
+            def go():
+                started.append(n)
+                return d
+            return go
+        d1 = self.spool._in_order("x", start(1, first))
+        d2 = self.spool._in_order("x", start(2, second))
+        d3 = self.spool._in_order("y", start(3, defer.succeed("three")))
+        self.assertEqual(started, [1, 3])  # another entry's write does not wait
+        self.assertEqual(self.successResultOf(d3), "three")
+        self.assertNoResult(d2)
+        first.errback(OSError(5, "Input/output error"))  # a failed write does not stop the next
+        self.failureResultOf(d1, OSError)
+        self.assertEqual(started, [1, 3, 2])
+        second.callback("two")
+        self.assertEqual(self.successResultOf(d2), "two")
+        self.assertEqual(self.spool._tails, {})
+
     def test_run_io_inline_runs_at_once(self):
         self.assertEqual(self.successResultOf(self.spool.run_io(lambda: 42)), 42)
         self.failureResultOf(self.spool.run_io(lambda: 1 / 0), ZeroDivisionError)

@@ -209,13 +209,19 @@ class DeliveryManager(Service):
             return
         groups = await self._route(entry, due)
         outcomes: list[Outcome] = groups.pop(None, ([], []))[1]
-        calls = []
-        for nexthop, (route, rcpts) in groups.items():
-            calls.append(Deferred.fromCoroutine(self._deliver_group(entry, nexthop, route, rcpts)))
-        for result in await DeferredList(calls, consumeErrors=True):
-            ok, value = result
-            if ok:
-                outcomes.extend(value)
+        if len(groups) == 1:
+            # The usual case: one next hop, nothing to run side by side.
+            [(nexthop, (route, rcpts))] = groups.items()
+            try:
+                outcomes.extend(await self._deliver_group(entry, nexthop, route, rcpts))
+            except Exception:  # as a failed group in the DeferredList below: no outcomes
+                log.failure("delivery to {nexthop} failed for {id}", nexthop=nexthop, id=entry.id)
+        elif groups:
+            calls = [Deferred.fromCoroutine(self._deliver_group(entry, nexthop, route, rcpts))
+                     for nexthop, (route, rcpts) in groups.items()]
+            for ok, value in await DeferredList(calls, consumeErrors=True):
+                if ok:
+                    outcomes.extend(value)
         await self._record(entry, outcomes, now)
 
     async def _route(self, entry: QueueEntry, due: list[RecipientState]) -> dict:
@@ -294,7 +300,8 @@ class DeliveryManager(Service):
             if (deferred and not entry.delay_warned and now - entry.arrival >= d.delay_warning):
                 await self.bouncer.delay(entry, deferred)
                 entry.delay_warned = True
-        if entry.done and entry.bounce and any(r.state == FAILED for r in entry.recipients):
+        done = entry.done
+        if done and entry.bounce and any(r.state == FAILED for r in entry.recipients):
             # A DSN that cannot be delivered is neither answered (no loop)
             # nor dropped: it stays, on hold, for the postmaster to see
             # ('queue show'), release (tried again) or delete.
@@ -303,7 +310,7 @@ class DeliveryManager(Service):
             log.warn("{id}: undeliverable delivery status notification kept on hold; "
                      "'twisted-mta queue release {id}' tries it again, "
                      "'twisted-mta queue delete {id}' drops it", id=entry.id)
-        elif entry.done:
+        elif done:
             # No save first: the message leaves the spool, and the unlink
             # need not be synced (a crash that undoes it delivers again).
             await self.spool.remove(entry.id)

@@ -509,7 +509,7 @@ class Spool:
         self._io_threads = None if inline else ThreadPoolExecutor(
             2, thread_name_prefix="spool-io")
         self._pool = _FilePool(self.incoming, self._io_threads, pool_size)
-        self._tails: dict[str, Deferred] = {}
+        self._tails: dict[str, deque[tuple[Callable[[], Deferred], Deferred]]] = {}
         self._io_pending: list[tuple[Callable[[], None], Deferred]] = []
         self._io_scheduled = False
         self._last_micros = 0
@@ -816,26 +816,29 @@ class Spool:
         """
         Call C{start} (which begins a write to C{queue_id}'s files) once the
         writes asked for before it have finished, so they land in order.
+        The writes waiting their turn are kept per entry in C{_tails}; an
+        entry with none under way has no key there.
         """
-        result: Deferred = Deferred()
-        finished: Deferred = Deferred()
-        previous = self._tails.get(queue_id)
-        self._tails[queue_id] = finished
+        waiting = self._tails.get(queue_id)
+        if waiting is not None:
+            d: Deferred = Deferred()
+            waiting.append((start, d))
+            return d
+        self._tails[queue_id] = deque()
+        return self._write_in_order(queue_id, start)
 
-        def go(_=None) -> None:
-            def end(outcome):
-                if self._tails.get(queue_id) is finished:
-                    del self._tails[queue_id]
-                finished.callback(None)
-                return outcome
+    def _write_in_order(self, queue_id: str, start: Callable[[], Deferred]) -> Deferred:
+        return start().addBoth(self._written, queue_id)
 
-            start().addBoth(end).chainDeferred(result)
-
-        if previous is None:
-            go()
+    def _written(self, outcome, queue_id: str):
+        """A write to C{queue_id} has finished: start the next one waiting, if any."""
+        waiting = self._tails[queue_id]
+        if waiting:
+            start, d = waiting.popleft()
+            self._write_in_order(queue_id, start).chainDeferred(d)
         else:
-            previous.addCallback(go)
-        return result
+            del self._tails[queue_id]
+        return outcome
 
     def stop(self) -> None:
         self._sync.stop()
