@@ -164,6 +164,25 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.bouncer.delayed, [(warned.id, ["b@far.test"])])
         self.assertEqual(calls[-1], (warned.id, True))
 
+    def test_a_delivery_that_breaks_is_logged(self):
+        # An attempt with one next hop awaits its delivery directly: if
+        # that raises (a bug: agents never fail), it is logged, and the
+        # attempt ends without outcomes, as a failed group of several does.
+        real, broke = self.manager._deliver_group, []
+
+        async def broken_once(entry, nexthop, route, rcpts):
+            if not broke:
+                broke.append(entry.id)
+                raise RuntimeError("bug")
+            return await real(entry, nexthop, route, rcpts)
+        self.manager._deliver_group = broken_once
+        entry = self.queue("b@far.test")
+        self.clock.advance(0)  # broken, then (still pending, due) tried again
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(broke, [entry.id])
+        self.assertEqual(len(self.mx.calls), 1)
+        self.assertNotIn(entry.id, self.manager.entries)
+
     def test_split_by_route_and_grouped_by_next_hop(self):
         self.queue("a@example.test", "b@far.test", "c@far.test", "d@other.test")
         self.clock.advance(0)
