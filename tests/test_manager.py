@@ -167,7 +167,8 @@ class ManagerTests(unittest.SynchronousTestCase):
     def test_a_delivery_that_breaks_is_logged(self):
         # An attempt with one next hop awaits its delivery directly: if
         # that raises (a bug: agents never fail), it is logged, and the
-        # attempt ends without outcomes, as a failed group of several does.
+        # recipient is deferred (not left due, which retried it at once,
+        # in a loop), as for a failed group of several.
         real, broke = self.manager._deliver_group, []
 
         async def broken_once(entry, nexthop, route, rcpts):
@@ -177,9 +178,14 @@ class ManagerTests(unittest.SynchronousTestCase):
             return await real(entry, nexthop, route, rcpts)
         self.manager._deliver_group = broken_once
         entry = self.queue("b@far.test")
-        self.clock.advance(0)  # broken, then (still pending, due) tried again
+        self.clock.advance(0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(broke, [entry.id])
+        self.assertEqual(self.mx.calls, [])
+        [r] = entry.recipients
+        self.assertEqual((r.state, r.last_reply), ("deferred", "451 4.3.0 local error in delivery"))
+        self.assertGreater(r.next_try, self.clock.seconds())
+        self.clock.advance(r.next_try - self.clock.seconds())  # tried again when due
         self.assertEqual(len(self.mx.calls), 1)
         self.assertNotIn(entry.id, self.manager.entries)
 

@@ -222,6 +222,12 @@ class DeliveryManager(Service):
             for ok, value in await DeferredList(calls, consumeErrors=True):
                 if ok:
                     outcomes.extend(value)
+        # A recipient left without an outcome (a delivery that broke) is
+        # deferred like any other, not left due: that would retry it at
+        # once, again and again.
+        answered = {o.recipient for o in outcomes}
+        outcomes.extend(Outcome(r.address, DEFERRED, "451 4.3.0 local error in delivery")
+                        for r in due if r.address not in answered)
         await self._record(entry, outcomes, now)
 
     async def _route(self, entry: QueueEntry, due: list[RecipientState]) -> dict:
