@@ -61,8 +61,9 @@ def log(msg: str) -> None:
 
 def make_server(name: str, args, **kw) -> S.Server:
     common = {"workdir": args.workdir, "keep": args.keep}
-    # twisted-mta-rN: the same with "receivers = N" (N receiving processes)
-    m = re.fullmatch(r"(twisted-mta(?:-base)?)(?:-r(\d+))?", name)
+    # twisted-mta-rN: the same with "receivers = N" (N receiving processes);
+    # -fs: with spool_sync = "filesystem" (one syncfs per batch)
+    m = re.fullmatch(r"(twisted-mta(?:-base)?)(?:-r(\d+))?(-fs)?", name)
     if m:
         base = m.group(1)
         if base == "twisted-mta-base" and getattr(args, "base_path", None) is None:
@@ -70,7 +71,8 @@ def make_server(name: str, args, **kw) -> S.Server:
         path = args.base_path if base == "twisted-mta-base" else args.mta_path
         return S.TwistedMTA(mode=kw.pop("mode", args.mta_mode), twistd=args.twistd,
                             python_path=path, switch_interval=args.mta_switch_interval,
-                            receivers=int(m.group(2) or 0), **common, **kw)
+                            receivers=int(m.group(2) or 0), spool_sync="filesystem"
+                            if m.group(3) else None, **common, **kw)
     if name == "postfix":
         return S.Postfix(mode=kw.pop("mode", args.postfix_mode), **common, **kw)
     if name == "aiosmtpd":

@@ -338,10 +338,11 @@ class TwistedMTA(Server):
 
     def __init__(self, mode: str = "queue", twistd: str | None = None, python_path: Path = REPO,
                  relay_port: int | None = None, switch_interval: float | None = None,
-                 receivers: int = 0, **kw):
+                 receivers: int = 0, spool_sync: str | None = None, **kw):
         super().__init__(**kw)
         self.mode = mode
         self.receivers = receivers  # "receivers = N" in its config
+        self.spool_sync = spool_sync  # "spool_sync = ..." in its config (None: the default)
         #: a diagnostic: sys.setswitchinterval() in the server (via a
         #: sitecustomize in the temp folder; the project is not touched)
         self.switch_interval = switch_interval
@@ -356,6 +357,8 @@ class TwistedMTA(Server):
         extra = f", switch interval {self.switch_interval}" if self.switch_interval else ""
         if self.receivers:
             extra += f", receivers = {self.receivers}"
+        if self.spool_sync:
+            extra += f", spool_sync = {self.spool_sync}"
         return f"twisted-mta ({self.mode}{extra})"
 
     def config_text(self) -> str:
@@ -365,6 +368,8 @@ class TwistedMTA(Server):
         ]
         if self.receivers:  # (older revisions, the baseline, do not know the key)
             lines.append(f"receivers = {self.receivers}")
+        if self.spool_sync:
+            lines.append(f'spool_sync = "{self.spool_sync}"')
         if self.mode == "queue":
             lines.append('plugin_paths = ["plugins"]')
         lines += [

@@ -147,6 +147,7 @@ class Config:
     filters: tuple[PluginConfig, ...]
     delivery: DeliveryConfig
     receivers: int = 0  # receiving processes besides the main one (0: it receives itself)
+    spool_sync: str = "file"  # how a batch is made durable: "file" or "filesystem" (syncfs)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -343,6 +344,10 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
     if control is not None:
         _check_endpoint(top, "control", control)
     plugin_paths = tuple(folder / p for p in top.strings("plugin_paths"))
+    from twisted_mta.spool.store import SYNC_MODES, syncfs_available
+    spool_sync = top.string("spool_sync", "file", SYNC_MODES)
+    if spool_sync == "filesystem" and not syncfs_available():
+        raise top.error("spool_sync", "syncfs(2) is not available on this system")
     receivers = top.take("receivers", int, 0, "an integer from 0 to 64")
     if not 0 <= receivers <= 64:
         raise top.error("receivers", f"expected an integer from 0 to 64, got {receivers}")
@@ -457,7 +462,7 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         file=file, folder=folder, hostname=hostname, spool=spool, control=control,
         plugin_paths=plugin_paths, tls=tls, listen=listen, auth=auth, limits=limits,
         relay=relay, relay_plugin=relay_plugin, routes=routes, router_plugin=router_plugin,
-        filters=filters, delivery=delivery, receivers=receivers, raw=MappingProxyType(dict(data)),
+        filters=filters, delivery=delivery, receivers=receivers, spool_sync=spool_sync, raw=MappingProxyType(dict(data)),
     )
 
 

@@ -98,7 +98,7 @@ class ReceiverService(ReceivingService):
         self.fds = fds
         self.index = index
         self.state_folder = state_folder(config.spool, index)
-        self.raw_spool = Spool(config.spool, self.reactor)
+        self.raw_spool = Spool(config.spool, self.reactor, sync=config.spool_sync)
         self.spool = _ReportingSpool(self.raw_spool, channel)
         self.ports: list = []
         self.generated = _generated_from_environment()

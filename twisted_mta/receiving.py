@@ -155,6 +155,8 @@ class ReceivingService(service.MultiService, ServerContext):
             notes.append("spool changed; the spool folder changes only on restart")
         if old.control != new.control:
             notes.append("control changed; the control endpoint changes only on restart")
+        if old.spool_sync != new.spool_sync:
+            notes.append("spool_sync changed; it changes only on restart")
         if old.receivers != new.receivers:
             notes.append("receivers changed; the number of receivers changes only on restart")
         return notes

@@ -55,7 +55,7 @@ class MTAService(ReceivingService):
             # process builds (for routing and delivery observers) must not
             # write over their files.
             self.state_folder = Path(config.spool) / "state" / "main"
-        self.spool = Spool(config.spool, reactor)
+        self.spool = Spool(config.spool, reactor, sync=config.spool_sync)
         self.ports: list = []
         self._listened = False
         self.smtp_agent = SMTPAgent(self.spool, self._mx_resolver(config), lambda: self.config,

@@ -35,6 +35,12 @@ whole is the entry's state; the commit record is found by walking back
 over the saves.  A save that a crash cut short is ignored (the one
 before it, or the envelope, counts) and cut off at start-up.
 
+With C{sync = "filesystem"} (L{Spool}'s C{sync}), a batch makes its
+writes durable with one C{syncfs(2)} of the spool's file system instead
+of a C{fdatasync} per file and a folder C{fsync}: one journal commit
+however many messages the batch holds, but it also writes out whatever
+else is waiting on that file system (meant for a spool on its own).
+
 What need not be durable is not synced and does not wait in that line:
 removing a message (a crash before the unlink reaches the disk brings
 it back, and it is delivered again: at-least-once), and a save that only
@@ -45,6 +51,8 @@ happen in the order they were asked for.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import secrets
@@ -391,6 +399,36 @@ class _FilePool:
                 pass
 
 
+def _load_syncfs():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+    return function
+
+
+_syncfs = _load_syncfs()
+
+#: How the spool makes a batch durable: "file" (fdatasync each file, fsync
+#: the folder) or "filesystem" (one syncfs of the spool's file system).
+SYNC_MODES = ("file", "filesystem")
+
+
+def syncfs_available() -> bool:
+    """Whether this system has C{syncfs(2)} (Linux)."""
+    return _syncfs is not None
+
+
+def syncfs(fd: int) -> None:
+    """C{syncfs(2)}: write out the whole file system holding C{fd}, and wait."""
+    if _syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available on this system")
+    if _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 class _GroupSync:
     """
     Runs durability jobs in threads, in batches.  A job is a function run
@@ -400,9 +438,16 @@ class _GroupSync:
     time; what is submitted meanwhile waits for the next.
     """
 
-    def __init__(self, reactor, threads: int = 8, inline: bool = False):
+    def __init__(self, reactor, threads: int = 8, inline: bool = False,
+                 whole_fs: Path | None = None):
+        """
+        @param whole_fs: a folder: end each batch with one C{syncfs} of its
+            file system instead of the folders' fsyncs (the jobs then need
+            not sync their files).
+        """
         self._reactor = reactor
         self._inline = inline
+        self._whole_fs = whole_fs
         self._batches = ThreadPoolExecutor(1, thread_name_prefix="spool-batch")
         # Concurrent fsyncs let the file system merge them into fewer
         # journal commits: on the development VM, 8 threads took a third
@@ -447,6 +492,13 @@ class _GroupSync:
             errors = [self._one(batch[0][0])]
         else:
             errors = list(self._workers.map(self._one, [job for job, _, _ in batch]))
+        if self._whole_fs is not None:
+            fd = os.open(self._whole_fs, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+            return errors
         for folder in {folder for _, folder, _ in batch if folder is not None}:
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -479,6 +531,14 @@ class _GroupSync:
         self._workers.shutdown(wait=True)
 
 
+def _fdatasync(fd: int) -> None:
+    os.fdatasync(fd)
+
+
+def _no_sync(fd: int) -> None:
+    """A file's sync, when the batch's syncfs covers it."""
+
+
 class Spool:
     """
     The queue folder.  Methods that make something durable return a
@@ -487,13 +547,16 @@ class Spool:
     """
 
     def __init__(self, path: str | os.PathLike, reactor=None, inline: bool = False,
-                 pool_size: int = 32):
+                 pool_size: int = 32, sync: str = "file"):
         """
         @param inline: do the disk work on the calling thread, at once (for
             deterministic unit tests and tools; never in the server).
         @param pool_size: how many files to keep created in C{incoming/}
             ahead of need.
+        @param sync: one of L{SYNC_MODES} (see the module docstring).
         """
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync: expected one of {', '.join(SYNC_MODES)}, got {sync!r}")
         if reactor is None:
             from twisted.internet import reactor
         self.path = Path(path)
@@ -503,7 +566,10 @@ class Spool:
         self.corrupt = self.path / "corrupt"
         self._reactor = reactor
         self._inline = inline
-        self._sync = _GroupSync(reactor, inline=inline)
+        whole_fs = self.path if sync == "filesystem" else None
+        self._sync = _GroupSync(reactor, inline=inline, whole_fs=whole_fs)
+        # With a syncfs per batch, the files need no sync of their own.
+        self._sync_file = _fdatasync if whole_fs is None else _no_sync
         # Disk work that is not waited on for durability: file creation
         # ahead of need, unlinks, deferral saves.
         self._io_threads = None if inline else ThreadPoolExecutor(
@@ -616,7 +682,7 @@ class Spool:
                     # new_id): nothing is replaced.
                     os.rename(incoming.path, final)
                     incoming.path = final
-                    os.fdatasync(fd)
+                    self._sync_file(fd)
                 finally:
                     os.close(fd)
                     incoming._fd = None
@@ -732,7 +798,7 @@ class Spool:
             try:
                 _write_all(fd, [record])
                 if sync:
-                    os.fdatasync(fd)
+                    self._sync_file(fd)
             finally:
                 os.close(fd)
 
