@@ -475,13 +475,8 @@ class HeadersMoreTests(Loaded):
               b"X-Mailer: Foo 1.0\r\nX-Mailer: Foo 1.0\r\n\r\nbody\r\n")
 
     def message(self):
-        """As the server hands it over: the file has its own Received first, the headers not."""
-        from twisted_mta.values import Message, parse_headers
-        path = self.folder / "stored"
-        path.write_bytes(self.OWN + self.CLIENT)
-        head = self.CLIENT[: self.CLIENT.index(b"\r\n\r\n") + 2]
-        return Message(size=len(self.OWN + self.CLIENT), headers=parse_headers(head),
-                       path=str(path))
+        """As the server hands it over: its own Received first, in the file and the headers."""
+        return testing.message(self.OWN + self.CLIENT, self.folder)
 
     def changes(self, rules, user="ann"):
         plugin = self.load("headers", rules=rules)

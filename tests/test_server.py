@@ -2231,7 +2231,11 @@ class HeaderCaptureTests(ServerTestCase):
             conn.send(piece)
         conn.send(b".\r\n")
         self.assertReply(conn.take(), 250, "2.0.0")
-        return seen[0]
+        # As stored: this server's Received field first, then the client's.
+        [(name, value), *rest] = seen[0]
+        self.assertEqual(name, "Received")
+        self.assertIn("(twisted-mta) with ESMTP id", value)
+        return tuple(rest)
 
     def test_headers_byte_by_byte(self) -> None:
         message = b"Subject: one\r\nX-Two: 2\r\n\tfolded\r\n\r\nBody: not a header\r\n"

@@ -85,7 +85,8 @@ class Envelope:
 class Message:
     """
     A received message, at the C{data} stage.  C{headers} are its header
-    fields in order, as (name, value) with folding removed; C{size} counts
+    fields in order, as stored (this server's C{Received} field first),
+    as (name, value) with folding removed; C{size} counts
     the bytes as received.  L{open} reads the whole message (headers and
     body, CRLF line ends) from its spool file; it is a blocking read of a
     local file, fine for small work, better done in a thread for much.

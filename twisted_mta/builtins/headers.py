@@ -25,7 +25,7 @@ C{headers}: add, remove or rewrite header fields by simple rules.
 Outbound mail is mail from an authenticated client or from C{networks}
 (default: the C{[relay] networks}); everything else is inbound.  Rules
 apply in order to the message as received, this server's own
-C{Received} field included (it is read back from the spool file).  The
+C{Received} field included (as in C{message.headers}).  The
 changes are kept with the queued message and applied whenever it is
 read for delivery: added fields, and rewritten ones, go on top of the
 header (the only place the spool adds fields).
@@ -41,11 +41,10 @@ from zope.interface import implementer
 
 from twisted_mta.network import in_networks
 from twisted_mta.interfaces import IDataFilter
-from twisted_mta.values import AddHeader, RemoveHeader, Verdict, parse_headers
+from twisted_mta.values import AddHeader, RemoveHeader, Verdict
 
 ACTIONS = ("add", "remove", "rewrite", "replace")  # replace: another name for rewrite
 DIRECTIONS = ("any", "inbound", "outbound")
-HEAD_LIMIT = 256 * 1024  # bytes of a stored message read for its header
 _NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
 
 
@@ -113,24 +112,6 @@ def _networks(networks) -> tuple:
     return tuple(out)
 
 
-def read_header_fields(message) -> tuple[tuple[str, str], ...]:
-    """
-    The header fields of C{message} as it is stored, this server's own
-    C{Received} field first (the data stage's C{message.headers} has only
-    the client's).  A bounded, blocking read of the start of a local file
-    just written (page cache); C{message.headers} if it cannot be read.
-    """
-    try:
-        with message.open() as f:
-            head = f.read(HEAD_LIMIT)
-    except (OSError, ValueError, TypeError):
-        return tuple(message.headers)
-    end = head.find(b"\r\n\r\n")
-    if head.startswith(b"\r\n"):
-        return ()
-    return parse_headers(head[: end + 2] if end >= 0 else head)
-
-
 @implementer(IDataFilter)
 class HeaderRules:
     def __init__(self, rules=(), networks=None, context=None):
@@ -150,14 +131,12 @@ class HeaderRules:
         rules = [r for r in self.rules if r.direction in ("any", direction)]
         if not rules:
             return None
-        fields = None
+        fields = message.headers  # as stored, our Received field first
         changes = []
         for rule in rules:
             if rule.action == "add":
                 changes.append(AddHeader(rule.name, rule.value))
                 continue
-            if fields is None:
-                fields = read_header_fields(message)
             lname = rule.name.lower()
             matched = [v for n, v in fields if n.lower() == lname
                        and (rule.match is None or rule.match.search(v))]

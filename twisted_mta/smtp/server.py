@@ -109,6 +109,7 @@ class Transaction:
     too_big: bool = False
     head: bytes = b""
     head_done: bool = False
+    received: bytes = b""  # our Received field, written before the message
     bdat: bool = False
     failed: Reply | None = None  # set when a BDAT chunk went wrong
 
@@ -723,7 +724,8 @@ class ESMTPServer(Protocol):
         txn = self.txn
         try:
             txn.incoming = self.context.spool.new_message()
-            txn.incoming.write(self._received_header(txn))
+            txn.received = self._received_header(txn)
+            txn.incoming.write(txn.received)
         except OSError:
             log.failure("cannot create a spool file session={sid}", sid=self.session.id)
             txn.abort()
@@ -872,7 +874,10 @@ class ESMTPServer(Protocol):
     def _check_and_commit(self, txn: Transaction) -> Deferred:
         incoming = txn.incoming
         incoming.flush()
-        message = Message(size=txn.size, headers=parse_headers(txn.head),
+        # The fields as stored: our Received first, as Postfix's
+        # header_checks see its own.
+        message = Message(size=txn.size,
+                          headers=parse_headers(txn.received) + parse_headers(txn.head),
                           path=str(incoming.path))
         d = txn.pipeline.ask("data", self.session, txn.envelope, message)
 
