@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.e2e_support import LOCAL_DOMAIN, Site, in_thread, start_in_process, wait_for
@@ -185,9 +186,19 @@ class ReceiversEndToEndTests(unittest.TestCase):
         # Top-level keys go before the first table.
         self.site.config_path.write_text('receivers = 2\nplugin_paths = ["plugins"]\n'
                                          + self.site.config_path.read_text())
+        self.lines: list[str] = []
+
+        def observe(event):
+            if str(event.get("log_system", "")).startswith("receiver-"):
+                self.lines.append(f"[{event['log_system']}] " + formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         self.mta = start_in_process(self, self.site)
         yield self.mta.receivers.whenReady()
         self.ctx = self.site.client_context()
+
+    def logged(self) -> str:
+        return "\n".join(self.lines)
 
     def pids(self) -> set[int]:
         return {p.pid for p in self.mta.receivers.processes.values()}
@@ -208,6 +219,10 @@ class ReceiversEndToEndTests(unittest.TestCase):
         self.assertTrue(all(b"Received: from " in b and b"TLS" in b for b in bodies))
         # The main process never accepted a session itself.
         self.assertEqual(self.mta.counter.total, 0)
+        # The receivers' session ids name them: unique across processes.
+        yield wait_for(lambda: "disconnect from" in self.logged(), "the receivers' log lines")
+        self.assertRegex(self.logged(), r"\[receiver-[12]\] connect from \[127\.0\.0\.1\]:\d+ "
+                                        r"session=[12]\.[0-9a-f]+")
 
     @defer.inlineCallbacks
     def test_reload_reaches_receivers(self):

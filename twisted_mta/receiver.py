@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None, reactor=None) -> int:
     globalLogBeginner.beginLoggingTo([LogForwarder(channel)], redirectStandardIO=False,
                                      discardBuffer=True)
     fds = [int(fd) for fd in args.fds.split(",") if fd]
+    from twisted_mta.smtp import server as servermod
+    servermod.session_id_prefix = f"{args.index}."
     svc = ReceiverService(cfg, channel, fds, args.index, reactor)
     try:
         svc.prepare_receiving(args.generation)

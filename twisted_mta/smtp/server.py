@@ -57,12 +57,15 @@ def _date_now() -> str:
 
 
 _session_counter = 0
+#: Put before every session id of this process: a receiver's number and a
+#: dot (twisted_mta.receiver), so that ids are unique across processes.
+session_id_prefix = ""
 
 
 def _next_session_id() -> str:
     global _session_counter
     _session_counter += 1
-    return f"{_session_counter:x}"
+    return f"{session_id_prefix}{_session_counter:x}"
 
 
 class ServerContext:
