@@ -189,6 +189,25 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.mx.calls), 1)
         self.assertNotIn(entry.id, self.manager.entries)
 
+    def test_one_of_several_next_hops_breaking_is_logged(self):
+        # Next hops delivered side by side: the one whose delivery raises
+        # is logged and its recipient deferred; the other is delivered.
+        real = self.manager._deliver_group
+
+        async def broken_for_far(entry, nexthop, route, rcpts):
+            if rcpts[0].address.endswith("@far.test"):
+                raise RuntimeError("bug")
+            return await real(entry, nexthop, route, rcpts)
+        self.manager._deliver_group = broken_for_far
+        entry = self.queue("b@far.test", "d@other.test")
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        far, other = entry.recipients
+        self.assertEqual((far.state, far.last_reply),
+                         ("deferred", "451 4.3.0 local error in delivery"))
+        self.assertGreater(far.next_try, self.clock.seconds())
+        self.assertEqual(other.state, "delivered")
+
     def test_split_by_route_and_grouped_by_next_hop(self):
         self.queue("a@example.test", "b@far.test", "c@far.test", "d@other.test")
         self.clock.advance(0)
@@ -394,10 +413,11 @@ class LimiterTests(unittest.SynchronousTestCase):
 
 class MailboxTests(unittest.SynchronousTestCase):
     def test_parsed_once_and_shared(self):
-        from twisted_mta.delivery.agent import mailbox
+        from twisted_mta.smtp.grammar import parse_mailbox
         from twisted_mta.spool.entry import parse_address
-        a = mailbox("Someone@Example.TEST")
-        self.assertEqual(a, parse_address("Someone@Example.TEST"))
-        self.assertIs(mailbox("Someone@Example.TEST"), a)
+        a = parse_address("Someone@Example.TEST")
+        self.assertEqual(a, parse_mailbox("Someone@Example.TEST", utf8=True))
+        self.assertIs(parse_address("Someone@Example.TEST"), a)
+        self.assertIs(RecipientState("Someone@Example.TEST").mailbox, a)
         with self.assertRaises(ValueError):
-            mailbox("not an address")
+            parse_address("not an address")

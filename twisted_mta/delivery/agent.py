@@ -5,25 +5,11 @@ L{IDeliveryAgent} and the L{Outcome} of one recipient's attempt.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from zope.interface import Interface
 
-from twisted_mta.spool.entry import parse_address
-
 DELIVERED, DEFERRED, FAILED = "delivered", "deferred", "failed"
-
-
-@functools.lru_cache(maxsize=4096)
-def mailbox(text: str):
-    """
-    L{parse_address} of an address the spool stored, remembered: an
-    attempt parsed the same few addresses several times (the envelope for
-    the router, each recipient's domain), a measurable share of its CPU.
-    L{Address} is immutable, so one may be shared.
-    """
-    return parse_address(text)
 
 
 @dataclass(frozen=True)

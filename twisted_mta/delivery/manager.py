@@ -33,7 +33,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
-from twisted_mta.delivery.agent import DEFERRED, DELIVERED, FAILED, Outcome, mailbox
+from twisted_mta.delivery.agent import DEFERRED, DELIVERED, FAILED, Outcome
 from twisted_mta.pipeline import PLUGIN_FAILURE
 from twisted_mta.spool.entry import QueueEntry, RecipientState
 from twisted_mta.values import Envelope, Route
@@ -214,14 +214,18 @@ class DeliveryManager(Service):
             [(nexthop, (route, rcpts))] = groups.items()
             try:
                 outcomes.extend(await self._deliver_group(entry, nexthop, route, rcpts))
-            except Exception:  # as a failed group in the DeferredList below: no outcomes
+            except Exception:  # its recipients are deferred below
                 log.failure("delivery to {nexthop} failed for {id}", nexthop=nexthop, id=entry.id)
         elif groups:
             calls = [Deferred.fromCoroutine(self._deliver_group(entry, nexthop, route, rcpts))
                      for nexthop, (route, rcpts) in groups.items()]
-            for ok, value in await DeferredList(calls, consumeErrors=True):
+            results = await DeferredList(calls, consumeErrors=True)
+            for nexthop, (ok, value) in zip(groups, results):
                 if ok:
                     outcomes.extend(value)
+                else:
+                    log.failure("delivery to {nexthop} failed for {id}", value,
+                                nexthop=nexthop, id=entry.id)
         # A recipient left without an outcome (a delivery that broke) is
         # deferred like any other, not left due: that would retry it at
         # once, again and again.
@@ -233,13 +237,12 @@ class DeliveryManager(Service):
     async def _route(self, entry: QueueEntry, due: list[RecipientState]) -> dict:
         """Group C{due} by next hop: {nexthop: (route, [rcpt])}, and None: ([], outcomes)."""
         pipeline = self.pipeline()
-        envelope = Envelope(sender=mailbox(entry.sender) if entry.sender else None, body=entry.body,
-                            smtputf8=entry.smtputf8,
-                            recipients=tuple(mailbox(r.address) for r in entry.recipients))
+        envelope = Envelope(sender=entry.sender_address, body=entry.body, smtputf8=entry.smtputf8,
+                            recipients=tuple(r.mailbox for r in entry.recipients))
         groups: dict = {None: ([], [])}
         cache: dict[str, object] = {}
         for r in due:
-            address = mailbox(r.address)
+            address = r.mailbox
             if r.route:
                 route = Route.from_dict(r.route)
             elif address.domain_key in cache:

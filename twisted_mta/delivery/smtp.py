@@ -51,7 +51,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_mta.delivery.agent import DEFERRED, FAILED, IDeliveryAgent, Outcome, mailbox
+from twisted_mta.delivery.agent import DEFERRED, FAILED, IDeliveryAgent, Outcome
 from twisted_mta.smtp.client import (
     ClientProtocol, Credentials, HopError, Result, Session, StaleConnection, Timeouts,
     client_tls_options, trust_root_from_pem,
@@ -357,7 +357,7 @@ class SMTPAgent(PooledAgent):
         cfg = self.config()
         addresses = [r.address for r in recipients]
         n = len(addresses)
-        domain = mailbox(recipients[0].address).domain_key
+        domain = recipients[0].mailbox.domain_key
         key = self._key(route, domain)
 
         reused = await self._reuse(key, entry, addresses)

@@ -9,6 +9,7 @@ prints them) and parsed back with the grammar.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,13 @@ class QueueEntry:
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address:
-    """Parse an address the spool stored (as L{Address.__str__} printed it)."""
+    """
+    Parse an address the spool stored (as L{Address.__str__} printed it).
+    Remembered: a delivery attempt asks for the same few addresses several
+    times (the envelope for the router, each recipient's domain), which
+    was a measurable share of its CPU; an L{Address} is immutable, so one
+    may be shared.
+    """
     return parse_mailbox(text, utf8=True)

@@ -335,7 +335,7 @@ class Incoming:
                 pass
 
         # Closing and unlinking wait for the journal too: not on the reactor.
-        self.spool._io(job).addErrback(
+        self.spool.run_io(job).addErrback(
             lambda failure: log.failure("spool: could not remove {path}", failure, path=str(path)))
 
 
@@ -429,6 +429,15 @@ def syncfs(fd: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _sync_folder(folder: Path, sync: Callable[[int], None]) -> None:
+    """C{sync} (fsync, syncfs) on an fd of C{folder}."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sync(fd)
+    finally:
+        os.close(fd)
+
+
 class _GroupSync:
     """
     Runs durability jobs in threads, in batches.  A job is a function run
@@ -479,33 +488,17 @@ class _GroupSync:
             lambda f: self._reactor.callFromThread(self._finished, batch, f)
         )
 
-    @staticmethod
-    def _one(job: Callable[[], None]) -> BaseException | None:
-        try:
-            job()
-        except BaseException as e:
-            return e
-        return None
-
     def _run(self, batch) -> list[BaseException | None]:
         if len(batch) == 1:
-            errors = [self._one(batch[0][0])]
+            results = [_call(batch[0][0])]
         else:
-            errors = list(self._workers.map(self._one, [job for job, _, _ in batch]))
+            results = list(self._workers.map(_call, [job for job, _, _ in batch]))
         if self._whole_fs is not None:
-            fd = os.open(self._whole_fs, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
-            return errors
-        for folder in {folder for _, folder, _ in batch if folder is not None}:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return errors
+            _sync_folder(self._whole_fs, syncfs)
+        else:
+            for folder in {folder for _, folder, _ in batch if folder is not None}:
+                _sync_folder(folder, os.fsync)
+        return [None if ok else value for ok, value in results]
 
     def _finished(self, batch, future) -> None:
         try:
@@ -804,7 +797,7 @@ class Spool:
 
         if sync:
             return self._in_order(entry.id, lambda: self._sync.submit(job, None))
-        return self._in_order(entry.id, lambda: self._io(job))
+        return self._in_order(entry.id, lambda: self.run_io(job))
 
     def remove(self, queue_id: str) -> Deferred:
         """
@@ -821,25 +814,16 @@ class Spool:
                 except FileNotFoundError:
                     pass
 
-        return self._in_order(queue_id, lambda: self._io(job))
+        return self._in_order(queue_id, lambda: self.run_io(job))
 
     def run_io(self, job: Callable[[], T]) -> Deferred:
         """
-        Run C{job} (blocking disk work that need not be synced, such as
-        reading a queued message) in the spool's I/O thread; the Deferred
-        fires with what it returns.  As for the spool's own unlinks and
-        unsynced saves, the jobs asked for in one reactor turn go to the
-        thread together, and come back together.
-        """
-        return self._io(job)
-
-    def _io(self, job: Callable[[], T]) -> Deferred:
-        """
-        Run C{job} in an I/O thread (not synced); fires with its result
-        when it has run.  The jobs asked for in one turn of the reactor go
-        to the thread together, and come back together: a thread hand-off
-        each was measurable (two context switches and a wake-up of the
-        reactor).
+        Run C{job} (blocking disk work that need not be synced: the spool's
+        unlinks and unsynced saves, reading a queued message) in the
+        spool's I/O thread; the Deferred fires with what it returns.  The
+        jobs asked for in one turn of the reactor go to the thread
+        together, and come back together: a thread hand-off each was
+        measurable (two context switches and a wake-up of the reactor).
         """
         if self._io_threads is None:
             try:
