@@ -105,21 +105,31 @@ class _SecondCache:
 _time_text = _SecondCache()
 
 
+def message_text(event) -> str | None:
+    """
+    The text of an event's message (without time or system) as Twisted's
+    formatter gives it, for the events of C{Logger().info("... {name} ...",
+    name=...)}; L{None} for any other event, which Twisted's own
+    formatter must then do.
+    """
+    fmt = event.get("log_format")
+    if (type(fmt) is not str or "log_failure" in event or "log_flattened" in event
+            or not _plain(fmt)):
+        return None
+    try:
+        return fmt.format_map(event)
+    except BaseException:
+        # Twisted's formatter then says why, in its own words (called by
+        # our caller, so that its traceback is not chained to ours).
+        return None
+
+
 def format_event(event) -> str | None:
     """
     Format an event exactly as L{classic_format} does, faster for the events
     of C{Logger().info("... {name} ...", name=...)}.
     """
-    fmt = event.get("log_format")
-    if (type(fmt) is not str or "log_failure" in event or "log_flattened" in event
-            or not _plain(fmt)):
-        return classic_format(event)
-    try:
-        text = fmt.format_map(event)
-    except BaseException:
-        # Twisted's formatter then says why, in its own words.  Called out
-        # of this except clause, so that its traceback is not chained to ours.
-        text = None
+    text = message_text(event)
     if text is None:
         return classic_format(event)
     if not text:

@@ -37,6 +37,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_mta import config as configmod
+from twisted_mta.logs import message_text
 from twisted_mta.receiving import ReceivingService, ReloadError, StartupError
 from twisted_mta.smtp.server import ESMTPFactory
 from twisted_mta.spool.store import Spool
@@ -100,7 +101,6 @@ class ReceiverService(ReceivingService):
         self.state_folder = state_folder(config.spool, index)
         self.raw_spool = Spool(config.spool, self.reactor, sync=config.spool_sync)
         self.spool = _ReportingSpool(self.raw_spool, channel)
-        self.ports: list = []
         self.generated = _generated_from_environment()
 
     def queued(self, entry) -> None:
@@ -123,8 +123,7 @@ class ReceiverService(ReceivingService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        ports, self.ports = self.ports, []
-        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+        yield self.stop_listening()
         yield super().stopService()
         self.raw_spool.stop()
 
@@ -167,14 +166,7 @@ class LogForwarder:
 
     def __call__(self, event: dict) -> None:
         level = event.get("log_level", LogLevel.info)
-        text = None
-        if "log_failure" not in event:
-            try:
-                # Plain "{name}" formats, which ours are: much cheaper than
-                # Twisted's formatter; anything else falls back to it.
-                text = event["log_format"].format_map(event)
-            except Exception:
-                text = None
+        text = message_text(event)  # the cheap way, for plain "{name}" formats
         if text is None:
             text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         prefix = b"log " + level.name.encode("ascii") + b" "

@@ -56,6 +56,7 @@ class ReceivingService(service.MultiService, ServerContext):
         self.counter = ConnectionCounter()
         self.shared = SharedState()  # plugins' state, kept across reloads
         self.reload_notes: list[str] = []  # what the last reload could not apply
+        self.ports: list = []  # the listening ports, in [[listen]] order
 
     # --- building -----------------------------------------------------------
 
@@ -102,6 +103,11 @@ class ReceivingService(service.MultiService, ServerContext):
                 self.auth = Authenticator.from_config(self.config)
             except ValueError as e:
                 raise StartupError(str(e))
+
+    def stop_listening(self) -> defer.Deferred:
+        """Close every listening port; fires once all are closed."""
+        ports, self.ports = self.ports, []
+        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
 
     # --- reload -------------------------------------------------------------
 

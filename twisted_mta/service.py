@@ -56,7 +56,6 @@ class MTAService(ReceivingService):
             # write over their files.
             self.state_folder = Path(config.spool) / "state" / "main"
         self.spool = Spool(config.spool, reactor, sync=config.spool_sync)
-        self.ports: list = []
         self._listened = False
         self.smtp_agent = SMTPAgent(self.spool, self._mx_resolver(config), lambda: self.config,
                                     reactor)
@@ -200,8 +199,7 @@ class MTAService(ReceivingService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        ports, self.ports = self.ports, []
-        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+        yield self.stop_listening()
         self._listened = False
         yield super().stopService()
         yield defer.DeferredList([self.smtp_agent.stop(), self.lmtp_agent.stop()])
