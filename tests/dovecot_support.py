@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from tests.e2e_support import free_port
+from tests.processes import alive, descendants, installed, require_peer, tool
 
 DOMAIN = "dovecot.test"
 HOSTNAME = "dovecot.test"
@@ -50,15 +51,11 @@ START_DEADLINE = 30.0
 STOP_DEADLINE = 15.0
 
 
-def _tool(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
 def problem() -> str | None:
     """Why a private Dovecot cannot be run here, or None."""
-    for tool in ("dovecot", "doveadm"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            return (f"{tool} is not installed (apt-get install dovecot-core dovecot-lmtpd; "
+    for name in ("dovecot", "doveadm"):
+        if not installed(name):
+            return (f"{name} is not installed (apt-get install dovecot-core dovecot-lmtpd; "
                     ".ci/run does)")
     if not Path("/usr/lib/dovecot/lmtp").exists():
         return "Dovecot's LMTP server is not installed (apt-get install dovecot-lmtpd; .ci/run does)"
@@ -73,48 +70,8 @@ def problem() -> str | None:
 
 
 def require(testcase) -> None:
-    """
-    Skip C{testcase} (with the reason) if Dovecot cannot run here; under
-    C{TWISTED_MTA_CI} fail instead, since CI installs it.
-    """
-    from twisted.trial.unittest import SkipTest
-
-    why = problem()
-    if why is None:
-        return
-    if os.environ.get("TWISTED_MTA_CI"):
-        testcase.fail(f"CI (.ci/run) should be able to run Dovecot here, but: {why}")
-    raise SkipTest(why)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
-
-
-def _children(root: int) -> list[int]:
-    """C{root}'s descendants (from /proc), not C{root}."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-                parents[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        for child, parent in parents.items():
-            if parent == pid:
-                found.append(child)
-                todo.append(child)
-    return found
+    """Skip C{testcase} if Dovecot cannot run here (fail under CI)."""
+    require_peer(testcase, problem(), "Dovecot")
 
 
 CONF = """\
@@ -198,7 +155,7 @@ class Dovecot:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with open(self.outfile, "ab") as out:
             self.proc = subprocess.Popen(
-                [_tool("dovecot"), "-F", "-c", str(self.conf)],
+                [tool("dovecot"), "-F", "-c", str(self.conf)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + START_DEADLINE
@@ -220,7 +177,7 @@ class Dovecot:
         proc, self.proc = self.proc, None
         if proc is None:
             return ""
-        children = _children(proc.pid)
+        children = descendants(proc.pid)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -228,7 +185,7 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 pass
         for pid in [proc.pid] + children:
-            if _alive(pid):
+            if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -387,22 +387,6 @@ class ServerProcess:
         self.kill()
 
 
-def child_pids(pid: int) -> list[int]:
-    """The live processes whose parent is C{pid} (from /proc)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    # "pid (comm) state ppid ...": comm may hold spaces.
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(name))
-    return found
-
-
 def start_process(testcase, site: Site, wait: bool = True) -> ServerProcess:
     """A L{ServerProcess} for C{site}, started, killed at the end of the test."""
     server = ServerProcess(site)

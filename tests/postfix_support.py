@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 from tests.e2e_support import free_port, write_pki
+from tests.processes import alive, descendants, installed, require_peer, tool
 
 DOMAIN = "postfix.test"
 HOSTNAME = "postfix.test"
@@ -59,9 +60,9 @@ START_DEADLINE = 60.0
 
 def problem() -> str | None:
     """Why a private Postfix cannot be run here, or None."""
-    for tool in ("postfix", "postconf", "postqueue"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            return f"{tool} is not installed (apt-get install postfix; .ci/run does)"
+    for name in ("postfix", "postconf", "postqueue"):
+        if not installed(name):
+            return f"{name} is not installed (apt-get install postfix; .ci/run does)"
     if os.geteuid() != 0:
         return "Postfix's master must start as root, and these tests do not run as root"
     try:
@@ -72,60 +73,11 @@ def problem() -> str | None:
 
 
 def require(testcase, sasl: bool = False) -> None:
-    """
-    Skip C{testcase} (with the reason) if Postfix cannot run here; under
-    C{TWISTED_MTA_CI} fail instead, since CI installs it.
-    """
-    from twisted.trial.unittest import SkipTest
-
+    """Skip C{testcase} if Postfix (and with C{sasl}, saslpasswd2) cannot run here (fail under CI)."""
     why = problem()
-    if why is None and sasl and shutil.which("saslpasswd2") is None \
-            and not Path("/usr/sbin/saslpasswd2").exists():
+    if why is None and sasl and not installed("saslpasswd2"):
         why = "saslpasswd2 is not installed (apt-get install sasl2-bin; .ci/run does)"
-    if why is None:
-        return
-    if os.environ.get("TWISTED_MTA_CI"):
-        testcase.fail(f"CI (.ci/run) should be able to run Postfix here, but: {why}")
-    raise SkipTest(why)
-
-
-def _tool(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _ppids() -> dict[int, int]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-                out[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    """C{root}'s descendants (not C{root})."""
-    parents = _ppids()
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        for child, parent in parents.items():
-            if parent == pid:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+    require_peer(testcase, why, "Postfix")
 
 
 QUEUE_FOLDERS = ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming",
@@ -320,7 +272,7 @@ class Postfix:
             "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
             f"sasldb_path: {db}\n")
         for user, password in self.sasl_users.items():
-            r = subprocess.run([_tool("saslpasswd2"), "-f", str(db), "-p", "-c", "-u", DOMAIN, user],
+            r = subprocess.run([tool("saslpasswd2"), "-f", str(db), "-p", "-c", "-u", DOMAIN, user],
                                input=password.encode() + b"\n", capture_output=True)
             if r.returncode != 0:
                 raise RuntimeError(f"saslpasswd2 failed: {r.stdout!r} {r.stderr!r}")
@@ -333,7 +285,7 @@ class Postfix:
     def start(self) -> "Postfix":
         """Configure and start the instance; wait for its greeting (blocking)."""
         self._write_config()
-        r = subprocess.run([_tool("postfix"), "-c", str(self.etc), "start"],
+        r = subprocess.run([tool("postfix"), "-c", str(self.etc), "start"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed ({r.returncode}): {r.stdout}{r.stderr}\n"
@@ -354,7 +306,7 @@ class Postfix:
                         return self
             except OSError:
                 pass
-            if time.monotonic() > deadline or not _alive(self.master_pid):
+            if time.monotonic() > deadline or not alive(self.master_pid):
                 self.stop()
                 raise RuntimeError(f"postfix did not greet on {self.port}\n" + self.log_tail())
             time.sleep(0.05)
@@ -364,13 +316,13 @@ class Postfix:
         master, self.master_pid = self.master_pid, None
         if master is None:
             return
-        children = _tree(master)
-        subprocess.run([_tool("postfix"), "-c", str(self.etc), "stop"], capture_output=True)
+        children = descendants(master)
+        subprocess.run([tool("postfix"), "-c", str(self.etc), "stop"], capture_output=True)
         deadline = time.monotonic() + 20
-        while _alive(master) and time.monotonic() < deadline:
+        while alive(master) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for pid in [master] + children + _tree(master):
-            if _alive(pid):
+        for pid in [master] + children + descendants(master):
+            if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -406,7 +358,7 @@ class Postfix:
 
     def queue_list(self) -> list[dict]:
         """C{postqueue -j}: one dict per message in its queues."""
-        r = subprocess.run([_tool("postqueue"), "-c", str(self.etc), "-j"],
+        r = subprocess.run([tool("postqueue"), "-c", str(self.etc), "-j"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"postqueue -j failed: {r.stdout}{r.stderr}")
@@ -414,4 +366,4 @@ class Postfix:
 
     def flush(self) -> None:
         """C{postqueue -f}: try the deferred mail now."""
-        subprocess.run([_tool("postqueue"), "-c", str(self.etc), "-f"], capture_output=True)
+        subprocess.run([tool("postqueue"), "-c", str(self.etc), "-f"], capture_output=True)

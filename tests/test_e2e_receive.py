@@ -23,6 +23,7 @@ from twisted.trial import unittest
 
 from tests import e2e_support as e2e
 from tests.e2e_support import LOCAL_DOMAIN, Site, in_thread, queue_id, send, wait_for
+from tests.processes import children
 
 SENDER = "alice@client.example.net"
 BOB = f"bob@{LOCAL_DOMAIN}"
@@ -482,8 +483,8 @@ class SubprocessTests(unittest.TestCase):
         server = e2e.start_process(self, site)
         if receivers:
             receiver_pids = e2e.wait_for_blocking(
-                lambda: len(e2e.child_pids(server.proc.pid)) == receivers
-                and e2e.child_pids(server.proc.pid), "the receivers")
+                lambda: len(children(server.proc.pid)) == receivers
+                and children(server.proc.pid), "the receivers")
         port = site.port()
         ctx = site.client_context()
         acked: dict[str, tuple[str, bytes]] = {}   # Message-ID -> (queue id, message)

@@ -7,7 +7,6 @@ thread.
 from __future__ import annotations
 
 import smtplib
-import textwrap
 from pathlib import Path
 
 from twisted.internet import defer, reactor

@@ -19,6 +19,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.e2e_support import LOCAL_DOMAIN, Site, in_thread, start_in_process, wait_for
+from tests.processes import alive
 from twisted_mta import config as configmod
 from twisted_mta.receiver import LogForwarder, state_folder
 from twisted_mta.receivers import ReceiverPool, ReceiverProcess
@@ -169,14 +170,6 @@ def _send(port: int, ctx, count: int, sender: str = "alice@example.org") -> list
     return ids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 class ReceiversEndToEndTests(unittest.TestCase):
     timeout = 120
 
@@ -260,7 +253,7 @@ class ReceiversEndToEndTests(unittest.TestCase):
         pids = self.pids()
         yield self.mta.stopService()
         self.assertEqual(self.mta.receivers.processes, {})
-        self.assertFalse(any(_alive(pid) for pid in pids))
+        self.assertFalse(any(alive(pid) for pid in pids))
 
 
 class GeneratedCertificateTests(unittest.TestCase):

@@ -1,0 +1,78 @@
+"""
+Processes as the tests see them (from /proc), and the rule for a test
+peer (Postfix, Dovecot) that cannot run here: skip, but fail under CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def tool(name: str) -> str:
+    """A system program's path (Debian puts the mail daemons in /usr/sbin)."""
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def installed(name: str) -> bool:
+    """Whether the system program C{name} is there (see L{tool})."""
+    return os.path.exists(tool(name))
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+
+
+def _parents() -> dict[int, int]:
+    """Every live process's parent."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+                # "pid (comm) state ppid ...": comm may hold spaces.
+                fields = stat[stat.rindex(b")") + 2:].split()
+                if fields[0] != b"Z":
+                    out[int(entry)] = int(fields[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is C{pid}."""
+    return [child for child, parent in _parents().items() if parent == pid]
+
+
+def descendants(root: int) -> list[int]:
+    """C{root}'s live descendants, not C{root}."""
+    parents = _parents()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child, parent in parents.items():
+            if parent == pid:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def require_peer(testcase, why: str | None, peer: str) -> None:
+    """
+    Skip C{testcase} saying C{why} (C{None}: the peer can run); under
+    C{TWISTED_MTA_CI} fail instead, since CI installs the peer.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    if why is None:
+        return
+    if os.environ.get("TWISTED_MTA_CI"):
+        testcase.fail(f"CI (.ci/run) should be able to run {peer} here, but: {why}")
+    raise SkipTest(why)
