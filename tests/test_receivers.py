@@ -68,6 +68,14 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("listen[2].endpoint: receivers = 2 takes tcp: or tcp6: listeners only",
                       str(e.exception))
 
+    def test_reload_says_receivers_and_spool_sync_wait_for_a_restart(self):
+        from twisted_mta.receiving import ReceivingService
+        old = self.parse('[[listen]]\nendpoint = "tcp:2525"')
+        new = self.parse('receivers = 2\nspool_sync = "filesystem"\n[[listen]]\nendpoint = "tcp:2525"')
+        self.assertEqual(ReceivingService._unapplied(old, new), [
+            "spool_sync changed; it changes only on restart",
+            "receivers changed; the number of receivers changes only on restart"])
+
     def test_state_folders(self):
         self.assertIsNone(state_folder(Path("/s"), 1))
         self.assertEqual(state_folder(Path("/s"), 2), Path("/s/state/receiver-2"))
@@ -281,3 +289,28 @@ class GeneratedCertificateTests(unittest.TestCase):
             seen.add((yield in_thread(peer_certificate)))
         self.assertEqual(len(seen), 1)
         self.assertEqual(seen.pop(), mta.generated[2][0].public_bytes(Encoding.DER))
+
+
+class ImplicitTLSTests(unittest.TestCase):
+    """A receiver serves an implicit-TLS listener (port 465 style) too."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_through_a_receiver(self):
+        site = Site(self.mktemp(), {"smtp": "starttls", "smtps": "implicit"})
+        site.config_path.write_text("receivers = 1\n" + site.config_path.read_text())
+        mta = start_in_process(self, site)
+        yield mta.receivers.whenReady()
+
+        def send():
+            with smtplib.SMTP_SSL("127.0.0.1", site.port("smtps"), timeout=30,
+                                  context=site.client_context()) as client:
+                client.sendmail("alice@example.org", [RCPT], b"Subject: 465\r\n\r\nover TLS\r\n")
+                return client.sock.version()
+
+        version = yield in_thread(send)
+        self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+        [stored] = yield wait_for(lambda: site.delivered(RCPT), "the delivery")
+        self.assertIn(b"(twisted-mta) with ESMTPS id", stored.read_bytes())
+        self.assertEqual(mta.counter.total, 0)  # the receiver had the session

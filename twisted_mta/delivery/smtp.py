@@ -108,7 +108,7 @@ class SpoolSource:
         # The batch read ahead was not wanted (the transaction ended
         # before the data): close once that read is over.  Its error, if
         # any, concerns no one now.
-        ahead.addCallbacks(lambda _: self._close(), lambda _: self._close())
+        ahead.addBoth(lambda _: self._close())
 
     def _close(self) -> None:
         it, self._it = self._it, None
