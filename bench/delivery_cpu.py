@@ -58,20 +58,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFER_PLUGIN = (
-    "from zope.interface import implementer\n"
-    "from twisted_mta.interfaces import IRouter\n\n\n"
-    "@implementer(IRouter)\n"
-    "class Defer:\n"
-    "    def route(self, envelope, recipient):\n"
-    "        return None\n")
+from servers import TwistedMTA, free_port  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEFER_PLUGIN = TwistedMTA.DEFER_PLUGIN  # the router of the bench's queue mode
 
 
 def message(i: int, size: int) -> bytes:

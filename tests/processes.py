@@ -64,6 +64,32 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+class RequireTestsMixin:
+    """
+    Tests of a peer support module's C{require}: without a usable peer
+    the tests skip, saying why; under CI they fail.  Set C{support} (the
+    module) and C{peer} (its program's name, as in its messages).
+    """
+
+    support = None
+    peer = ""
+
+    def setUp(self):
+        self.why = f"{self.peer} is not installed (test)"
+        self.patch(self.support, "problem", lambda: self.why)
+
+    def test_skip_outside_ci(self):
+        from twisted.trial.unittest import SkipTest
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "TWISTED_MTA_CI"})
+        e = self.assertRaises(SkipTest, self.support.require, self)
+        self.assertEqual(str(e), self.why)
+
+    def test_fail_under_ci(self):
+        self.patch(os, "environ", dict(os.environ, TWISTED_MTA_CI="1"))
+        e = self.assertRaises(self.failureException, self.support.require, self)
+        self.assertIn(self.why, str(e))
+
+
 def require_peer(testcase, why: str | None, peer: str) -> None:
     """
     Skip C{testcase} saying C{why} (C{None}: the peer can run); under

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import re
 
 from twisted.internet import defer
@@ -32,6 +31,7 @@ from tests import dovecot_support
 from tests import e2e_support as e2e
 from tests.dovecot_support import DOMAIN, Dovecot
 from tests.e2e_support import Site, in_thread, queue_id, send, wait_for
+from tests.processes import RequireTestsMixin
 from tests.test_interop_postfix import BODY, lf, received_fields, split_message, unfold
 
 ALICE = "alice@example.test"
@@ -223,18 +223,8 @@ class DeliveryTests(DovecotTestCase):
         self.assertEqual(site.all_delivered(), [])
 
 
-class RequireTests(unittest.SynchronousTestCase):
+class RequireTests(RequireTestsMixin, unittest.SynchronousTestCase):
     """Without a usable Dovecot the tests skip, saying why; under CI they fail."""
 
-    def setUp(self):
-        self.patch(dovecot_support, "problem", lambda: "dovecot is not installed (test)")
-
-    def test_skip_outside_ci(self):
-        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "TWISTED_MTA_CI"})
-        e = self.assertRaises(unittest.SkipTest, dovecot_support.require, self)
-        self.assertEqual(str(e), "dovecot is not installed (test)")
-
-    def test_fail_under_ci(self):
-        self.patch(os, "environ", dict(os.environ, TWISTED_MTA_CI="1"))
-        e = self.assertRaises(self.failureException, dovecot_support.require, self)
-        self.assertIn("dovecot is not installed (test)", str(e))
+    support = dovecot_support
+    peer = "dovecot"

@@ -35,6 +35,7 @@ from twisted.trial import unittest
 from tests import e2e_support as e2e
 from tests import postfix_support
 from tests.e2e_support import Site, in_thread, queue_id, send, wait_for
+from tests.processes import RequireTestsMixin
 from tests.postfix_support import DOMAIN, Postfix
 
 ALICE = "alice@example.test"
@@ -337,18 +338,8 @@ class IntoTwistedMTATests(PostfixTestCase):
         self.assertIn(f"to=<{dorte}>, relay=virtual", pf.log())
 
 
-class RequireTests(unittest.SynchronousTestCase):
+class RequireTests(RequireTestsMixin, unittest.SynchronousTestCase):
     """Without a usable Postfix the tests skip, saying why; under CI they fail."""
 
-    def setUp(self):
-        self.patch(postfix_support, "problem", lambda: "postfix is not installed (test)")
-
-    def test_skip_outside_ci(self):
-        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "TWISTED_MTA_CI"})
-        e = self.assertRaises(unittest.SkipTest, postfix_support.require, self)
-        self.assertEqual(str(e), "postfix is not installed (test)")
-
-    def test_fail_under_ci(self):
-        self.patch(os, "environ", dict(os.environ, TWISTED_MTA_CI="1"))
-        e = self.assertRaises(self.failureException, postfix_support.require, self)
-        self.assertIn("postfix is not installed (test)", str(e))
+    support = postfix_support
+    peer = "postfix"
