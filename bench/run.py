@@ -939,6 +939,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:
+        S.remove_discarded()
         for folder in (snapshot, base_snapshot):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)

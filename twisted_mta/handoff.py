@@ -1,0 +1,158 @@
+"""
+Handing accepted connections from the main process to the receivers
+(C{receivers = N}).
+
+The main process accepts on its listening sockets and passes each new
+connection to the receiver with the fewest open sessions, over a Unix
+socket pair per receiver: one byte (the index of the C{[[listen]]} table
+it came in on) with the connection's file descriptor attached
+(C{SCM_RIGHTS}).  The receiver adopts it as if it had accepted it.  Each
+receiver says when a session it was handed ends (a C{closed} line on its
+pipe to the main process), so the main process knows every receiver's
+load.
+
+Why not let every receiver accept on the shared listening socket: every
+receiver is woken by a new connection and the one that gets to accept()
+first takes it, so a burst of connections went to whichever receiver
+happened to be running, often all ten sessions of a burst to one of two
+receivers, which then did all the work on one core.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from typing import Callable
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IFileDescriptorReceiver, IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+#: Accepted per readiness event of a listening socket (the rest wait for
+#: the next turn of the reactor, so that delivery work is not starved).
+ACCEPTS_PER_READ = 32
+#: Seconds to stop accepting after the process ran out of file
+#: descriptors or memory (the socket stays readable: no busy loop).
+ACCEPT_PAUSE = 0.1
+
+_RETRY_ACCEPT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+
+
+def handoff_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair: the main process's end, the receiver's end."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    mine.setblocking(False)
+    return mine, theirs
+
+
+def send_connection(link: socket.socket, connection: socket.socket, listen_index: int) -> None:
+    """
+    Pass C{connection} (accepted on C{[[listen]]} number C{listen_index},
+    from 0) over C{link}.  Raises C{BlockingIOError} if the receiver is
+    not keeping up, C{OSError} if it is gone.
+    """
+    link.sendmsg([bytes((listen_index,))],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [connection.fileno()]))])
+
+
+@implementer(IReadDescriptor)
+class ListeningSocketReader:
+    """
+    Accepts on one listening socket for the main process and gives each
+    connection to C{dispatch(connection, listen_index)}, which owns it.
+    """
+
+    def __init__(self, reactor, sock: socket.socket, listen_index: int,
+                 dispatch: Callable[[socket.socket, int], None]):
+        self.reactor = reactor
+        self.socket = sock
+        self.listen_index = listen_index
+        self.dispatch = dispatch
+        self.reading = False
+        self._paused = None
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "handoff"
+
+    def start(self) -> None:
+        if not self.reading and self._paused is None:
+            self.reading = True
+            self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self._paused is not None and self._paused.active():
+            self._paused.cancel()
+        self._paused = None
+        if self.reading:
+            self.reading = False
+            self.reactor.removeReader(self)
+
+    def _resume(self) -> None:
+        self._paused = None
+        self.start()
+
+    def doRead(self) -> None:
+        for _ in range(ACCEPTS_PER_READ):
+            try:
+                connection, _ = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in _RETRY_ACCEPT:
+                    continue
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in
+                # the kernel's backlog; try again shortly.
+                log.error("cannot accept a connection: {why}; pausing for {t} s",
+                          why=os.strerror(e.errno), t=ACCEPT_PAUSE)
+                self.stop()
+                self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+                return
+            self.dispatch(connection, self.listen_index)
+
+    def connectionLost(self, reason) -> None:
+        self.reading = False
+
+
+@implementer(IFileDescriptorReceiver)
+class HandoffReceiver(protocol.Protocol):
+    """
+    The receiver's end of the pair: adopts each connection it is handed
+    with C{adopt(fd, listen_index)}, and calls C{lost()} when the main
+    process closes the pair.
+    """
+
+    def __init__(self, adopt: Callable[[int, int], None], lost: Callable[[], None]):
+        self.adopt = adopt
+        self.lost = lost
+        self._fds: list[int] = []
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self._fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        # One byte per descriptor, both in the order sent.
+        for listen_index in data:
+            if not self._fds:
+                log.error("handoff: a listener index without a connection")
+                continue
+            fd = self._fds.pop(0)
+            try:
+                self.adopt(fd, listen_index)
+            except Exception:
+                log.failure("handoff: could not take a connection")
+            finally:
+                os.close(fd)
+
+    def connectionLost(self, reason) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self.lost()
