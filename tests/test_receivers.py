@@ -226,6 +226,32 @@ class ReceiversEndToEndTests(unittest.TestCase):
                                         r"session=[12]\.[0-9a-f]+")
 
     @defer.inlineCallbacks
+    def test_sessions_spread_evenly(self):
+        """Ten sessions opened at once: five on each receiver, whichever ran first."""
+        def open_sessions():
+            clients = []
+            for _ in range(10):
+                client = smtplib.SMTP("127.0.0.1", self.site.port(), timeout=30)
+                client.ehlo()
+                clients.append(client)
+            return clients
+
+        clients = yield in_thread(open_sessions)
+        try:
+            procs = list(self.mta.receivers.processes.values())
+            self.assertEqual(sorted(p.sessions for p in procs), [5, 5])
+            yield wait_for(lambda: self.logged().count("connect from [127.0.0.1]") == 10,
+                           "ten connect lines")
+            for index in (1, 2):
+                self.assertEqual(self.logged().count(f"[receiver-{index}] connect from"), 5)
+        finally:
+            yield in_thread(lambda: [c.quit() for c in clients])
+        # Each receiver says when a session ends: the counts go back to 0.
+        yield wait_for(lambda: all(p.sessions == 0
+                                   for p in self.mta.receivers.processes.values()),
+                       "no sessions left")
+
+    @defer.inlineCallbacks
     def test_reload_reaches_receivers(self):
         plugins = self.site.folder / "plugins"
         plugins.mkdir()

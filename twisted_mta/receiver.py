@@ -3,17 +3,18 @@ A receiving process: C{python -m twisted_mta.receiver}, started by the
 main process (L{twisted_mta.receivers.ReceiverPool}) when the
 configuration says C{receivers = N}; never by hand.
 
-It accepts SMTP sessions on listening sockets it inherits (file
-descriptors 3, 4, ... in C{[[listen]]} order), runs the same pipeline as
-a single process would, and commits messages to the same spool.  It
-talks to the main process over its standard input and output, one line
-per record:
+It serves the SMTP sessions the main process accepts and hands to it
+over a Unix socket (file descriptor 3; see L{twisted_mta.handoff}), runs
+the same pipeline as a single process would, and commits messages to the
+same spool.  It talks to the main process over its standard input and
+output, one line per record:
 
     to the main process                    from the main process
     ready <generation>                     reload <generation>
     committing <id>                        (end of input: stop)
     queued <entry JSON>
     aborted <id>
+    closed                (a session ended)
     reloaded <generation> | refused <why>
     log <level> <text>
 
@@ -31,15 +32,16 @@ import socket
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, stdio
+from twisted.internet import defer, protocol, stdio
 from twisted.logger import LogLevel, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_mta import config as configmod
+from twisted_mta.handoff import HandoffReceiver
 from twisted_mta.logs import message_text
 from twisted_mta.receiving import ReceivingService, ReloadError, StartupError
-from twisted_mta.smtp.server import ESMTPFactory
+from twisted_mta.smtp.server import ConnectionCounter, ESMTPFactory
 from twisted_mta.spool.store import Spool
 
 
@@ -50,6 +52,8 @@ def state_folder(spool: Path, index: int) -> Path | None:
     others their own, so that no two processes write one file.
     """
     return None if index == 1 else Path(spool) / "state" / f"receiver-{index}"
+
+
 
 
 class _ReportingSpool:
@@ -76,6 +80,18 @@ class _ReportingSpool:
         return d.addErrback(failed)
 
 
+class _ReportingCounter(ConnectionCounter):
+    """Tells the main process when a session ends, so it knows this receiver's load."""
+
+    def __init__(self, channel: "MainChannel"):
+        super().__init__()
+        self._channel = channel
+
+    def remove(self, ip: str) -> None:
+        super().remove(ip)
+        self._channel.send(b"closed")
+
+
 def _generated_from_environment() -> tuple | None:
     """The main process's generated certificate, if it passed one (and forget it)."""
     from twisted_mta.receivers import GENERATED_TLS
@@ -93,10 +109,14 @@ def _generated_from_environment() -> tuple | None:
 class ReceiverService(ReceivingService):
     """One receiving process's server context: queued mail is reported, not delivered."""
 
-    def __init__(self, config, channel: "MainChannel", fds: list[int], index: int, reactor=None):
+    def __init__(self, config, channel: "MainChannel", handoff_fd: int, index: int,
+                 reactor=None):
         super().__init__(config, reactor)
         self.channel = channel
-        self.fds = fds
+        self.counter = _ReportingCounter(channel)
+        self.handoff_fd = handoff_fd
+        self.handoff = None
+        self.factories: list = []
         self.index = index
         self.state_folder = state_folder(config.spool, index)
         self.raw_spool = Spool(config.spool, self.reactor, sync=config.spool_sync)
@@ -106,26 +126,54 @@ class ReceiverService(ReceivingService):
     def queued(self, entry) -> None:
         self.channel.send(b"queued " + entry.to_json())
 
-    def adopt(self) -> None:
-        """Accept on the inherited listening sockets, one per C{[[listen]]}."""
-        if len(self.fds) != len(self.config.listen):
-            raise StartupError(f"{self.config.file}: given {len(self.fds)} listening sockets "
-                               f"for {len(self.config.listen)} [[listen]] tables")
-        for fd, listen in zip(self.fds, self.config.listen):
-            probe = socket.socket(fileno=fd)
-            family = probe.family
-            probe.detach()
+    def take_connections(self) -> None:
+        """Serve the connections the main process hands over the handoff socket."""
+        self.factories = []
+        for listen in self.config.listen:
             factory = ESMTPFactory(self, listen, self.counter)
             if listen.tls == "implicit":
                 factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-            self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
-            os.close(fd)  # adoptStreamPort made its own copy
+            self.factories.append(factory)
+        self.handoff = HandoffReceiver(self._adopt, self._handoff_lost)
+        self.reactor.adoptStreamConnection(
+            self.handoff_fd, socket.AF_UNIX, _OneProtocol(self.handoff))
+        os.close(self.handoff_fd)  # adoptStreamConnection made its own copy
+
+    def _adopt(self, fd: int, listen_index: int) -> None:
+        if listen_index >= len(self.factories):
+            # The main process listens as its configuration said at its
+            # start; ours was read later and has fewer [[listen]] tables.
+            raise ValueError(f"a connection from [[listen]] number {listen_index + 1}, "
+                             f"but {self.config.file} has {len(self.factories)}")
+        probe = socket.socket(fileno=fd)
+        family = probe.family
+        probe.detach()
+        self.reactor.adoptStreamConnection(fd, family, self.factories[listen_index])
+
+    def _handoff_lost(self) -> None:
+        self.handoff = None
+
+    def stop_listening(self) -> defer.Deferred:
+        """Take no more connections: close our end of the handoff socket."""
+        if self.handoff is not None and self.handoff.transport is not None:
+            self.handoff.transport.loseConnection()
+        return super().stop_listening()
 
     @defer.inlineCallbacks
     def stopService(self):
         yield self.stop_listening()
         yield super().stopService()
         self.raw_spool.stop()
+
+
+class _OneProtocol(protocol.Factory):
+    """The factory C{adoptStreamConnection} wants, for one given protocol."""
+
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
 
 
 class MainChannel(LineOnlyReceiver):
@@ -180,7 +228,8 @@ def main(argv: list[str] | None = None, reactor=None) -> int:
     parser.add_argument("--default-folder", help="run the embedded default with this folder")
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--generation", type=int, default=1)
-    parser.add_argument("--fds", default="", help="listening sockets, in [[listen]] order")
+    parser.add_argument("--handoff", type=int, default=3,
+                        help="the Unix socket the main process hands connections over")
     args = parser.parse_args(argv)
     if reactor is None:
         from twisted.internet import reactor
@@ -194,13 +243,12 @@ def main(argv: list[str] | None = None, reactor=None) -> int:
     stdio.StandardIO(channel, reactor=reactor)
     globalLogBeginner.beginLoggingTo([LogForwarder(channel)], redirectStandardIO=False,
                                      discardBuffer=True)
-    fds = [int(fd) for fd in args.fds.split(",") if fd]
     from twisted_mta.smtp import server as servermod
     servermod.session_id_prefix = f"{args.index}."
-    svc = ReceiverService(cfg, channel, fds, args.index, reactor)
+    svc = ReceiverService(cfg, channel, args.handoff, args.index, reactor)
     try:
         svc.prepare_receiving(args.generation)
-        svc.adopt()
+        svc.take_connections()
     except StartupError as e:
         print(f"twisted-mta receiver: {e}", file=sys.stderr)
         return 2

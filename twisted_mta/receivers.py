@@ -6,14 +6,15 @@ restarts one that dies and recovers the messages it was committing.
 
 Why processes: one Python process receives on one core; a mail server's
 work per message (SMTP, TLS, filters, the spool) is independent from one
-session to the next, so N processes accept on the same sockets (the
-kernel hands each connection to one of them) and the main process, which
-no longer receives, delivers on its own core.
+session to the next, so N processes serve sessions and the main process,
+which only accepts connections and hands each to the receiver with the
+fewest sessions (L{twisted_mta.handoff}), delivers on its own core.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from twisted.logger import Logger, LogLevel
 
 import twisted_mta
 from twisted_mta import config as configmod
+from twisted_mta.handoff import ListeningSocketReader, handoff_pair, send_connection
 from twisted_mta.smtp import tls as tlsmod
 from twisted_mta.spool.entry import QueueEntry
 from twisted_mta.spool.store import SpoolError
@@ -57,6 +59,13 @@ class ReceiverProcess(protocol.ProcessProtocol):
         self.committing: set[str] = set()
         self.pid: int | None = None
         self._buffers = {1: b"", 2: b""}
+        #: the main process's end of the connection handoff pair
+        self.link: socket.socket | None = None
+        #: whether connections may be handed to it (it said "ready", and
+        #: the pair works)
+        self.accepting = False
+        #: sessions handed to it and not reported closed
+        self.sessions = 0
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -82,6 +91,8 @@ class ReceiverProcess(protocol.ProcessProtocol):
             self.pool.mta.received(entry)
         elif verb == b"committing":
             self.committing.add(rest.decode("ascii", "replace"))
+        elif verb == b"closed":
+            self.sessions = max(0, self.sessions - 1)
         elif verb == b"aborted":
             self.committing.discard(rest.decode("ascii", "replace"))
         elif verb == b"log":
@@ -92,6 +103,8 @@ class ReceiverProcess(protocol.ProcessProtocol):
             self.generation = int(rest) if rest.isdigit() else None
             log.info("{name} (pid {pid}) accepting, generation {gen}", name=self.name,
                      pid=self.pid, gen=self.generation)
+            self.accepting = self.link is not None
+            self.pool.accepting_changed()
             if not self.ready.called:
                 self.ready.callback(self)
         elif verb == b"reloaded":  # the receiver has logged it
@@ -131,7 +144,31 @@ class ReceiverProcess(protocol.ProcessProtocol):
         except error.ProcessExitedAlready:
             pass
 
+    def hand(self, connection: socket.socket, listen_index: int) -> bool:
+        """
+        Pass C{connection} to this receiver; False if it cannot take it
+        now (then it has not: the caller still owns C{connection}).
+        """
+        try:
+            send_connection(self.link, connection, listen_index)
+        except BlockingIOError:
+            return False  # it is not keeping up: another one, this time
+        except OSError as e:
+            log.error("{name}: cannot hand it connections: {why}", name=self.name, why=e)
+            self.close_link()
+            return False
+        self.sessions += 1
+        return True
+
+    def close_link(self) -> None:
+        self.accepting = False
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        self.pool.accepting_changed()
+
     def processEnded(self, reason) -> None:
+        self.close_link()
         for fd, rest in self._buffers.items():
             if rest:
                 self.childDataReceived(fd, b"\n")
@@ -153,6 +190,8 @@ class ReceiverPool(service.Service):
         self.count = count
         self.reactor = reactor
         self.processes: dict[int, ReceiverProcess] = {}
+        self.readers: list[ListeningSocketReader] = []
+        self._next = 0  # round robin among the least loaded
         self._failures: dict[int, int] = {}
         self._timers: dict[int, object] = {}
         self._stopping = False
@@ -160,8 +199,38 @@ class ReceiverPool(service.Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self.readers = [ListeningSocketReader(self.reactor, port.socket, n, self.dispatch)
+                        for n, port in enumerate(self.mta.ports)]
         for index in range(1, self.count + 1):
             self.spawn(index)
+
+    def accepting_changed(self) -> None:
+        """Accept while at least one receiver can take connections."""
+        start = not self._stopping and any(p.accepting for p in self.processes.values())
+        for reader in self.readers:
+            reader.start() if start else reader.stop()
+
+    def stop_accepting(self) -> None:
+        """Stop accepting for good (before the listening sockets close)."""
+        for reader in self.readers:
+            reader.stop()
+        self.readers = []
+
+    def dispatch(self, connection: socket.socket, listen_index: int) -> None:
+        """Hand a new connection to the receiver with the fewest sessions."""
+        ready = [p for p in self.processes.values() if p.accepting]
+        if ready:
+            self._next = (self._next + 1) % len(ready)
+            ready = ready[self._next:] + ready[:self._next]  # ties: in turn
+            ready.sort(key=lambda p: p.sessions)
+        try:
+            for proc in ready:
+                if proc.hand(connection, listen_index):
+                    return
+            log.warn("no receiver could take a connection from {peer}; closed it",
+                     peer=_peer(connection))
+        finally:
+            connection.close()  # the receiver has its own copy
 
     def whenReady(self) -> defer.Deferred:
         """Fires once every receiver now running has said it is ready."""
@@ -173,11 +242,10 @@ class ReceiverPool(service.Service):
         mta = self.mta
         if self._stopping or not mta.ports:
             return None
-        child_fds = {0: "w", 1: "r", 2: "r"}
-        for n, port in enumerate(mta.ports, 3):
-            child_fds[n] = port.fileno()
+        link, their_end = handoff_pair()
+        child_fds = {0: "w", 1: "r", 2: "r", 3: their_end.fileno()}
         args = [sys.executable, "-m", "twisted_mta.receiver", "--index", str(index),
-                "--fds", ",".join(str(n) for n in range(3, 3 + len(mta.ports)))]
+                "--handoff", "3"]
         if mta.pipeline is not None:
             args += ["--generation", str(mta.pipeline.generation)]
         if mta.config.file == configmod.DEFAULT_FILE:
@@ -197,8 +265,12 @@ class ReceiverPool(service.Service):
         env["PYTHONPATH"] = os.pathsep.join(
             [top] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         proc = ReceiverProcess(self, index)
+        proc.link = link
         self.processes[index] = proc
-        self.reactor.spawnProcess(proc, sys.executable, args, env=env, childFDs=child_fds)
+        try:
+            self.reactor.spawnProcess(proc, sys.executable, args, env=env, childFDs=child_fds)
+        finally:
+            their_end.close()  # the receiver has it now
         return proc
 
     def reload(self, generation: int) -> int:
@@ -243,8 +315,16 @@ class ReceiverPool(service.Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         self._stopping = True
+        self.stop_accepting()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
         self._timers.clear()
         return defer.DeferredList([p.stop() for p in list(self.processes.values())])
+
+
+def _peer(connection: socket.socket) -> str:
+    try:
+        return str(connection.getpeername()[0])
+    except OSError:
+        return "?"

@@ -173,7 +173,8 @@ class MTAService(ReceivingService):
                                    f"{listen.endpoint}: {_reason(result[0].value)}")
             self._listening(result[0], listen)
         if self.receivers is not None:
-            # The receivers accept on these sockets; this process never does.
+            # The receiver pool accepts on these sockets and hands each
+            # connection to a receiver; no session runs in this process.
             for port in self.ports:
                 port.stopReading()
 
@@ -199,6 +200,8 @@ class MTAService(ReceivingService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        if self.receivers is not None:
+            self.receivers.stop_accepting()  # before the sockets close
         yield self.stop_listening()
         self._listened = False
         yield super().stopService()
