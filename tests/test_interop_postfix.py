@@ -238,7 +238,8 @@ class SmartHostTests(PostfixTestCase):
         self.assertEqual(later.last_reply,
                          f"450 4.2.0 <{LATER}>: Recipient address rejected: try again later")
         self.assertGreater(later.next_try, entry_arrival(mta, qid))
-        self.assertEqual(site.queued_ids(), {qid})
+        # The DSN, delivered, leaves the spool too (its unlink is not waited for).
+        yield wait_for(lambda: site.queued_ids() == {qid}, "only the deferred message queued")
         self.assertEqual(len(pf.delivered("carol")), 1)
 
 

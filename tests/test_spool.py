@@ -15,10 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from twisted_mta.spool.entry import QueueEntry, RecipientState
-from twisted_mta.spool.store import Spool, _trailer, new_queue_id
+from twisted_mta.spool.store import LAZY_IO_DELAY, Spool, _trailer, new_queue_id
 
 MESSAGE = b"Received: x\r\nSubject: hi\r\nX-Drop: a\r\n  folded\r\nTo: u@example.test\r\n\r\nbody\r\n"
 
@@ -398,6 +399,32 @@ class ThreadedSpoolTests(unittest.TestCase):
         self.assertIsInstance(two[1].value, OSError)
         self.assertEqual(three, (True, "three"))
         self.assertEqual(len(handed), 1)  # one hand-off for the three
+
+    def test_lazy_jobs_wait_then_go_with_the_next_urgent_one(self):
+        """Unlinks and unsynced saves wait up to LAZY_IO_DELAY; a job someone waits on does not."""
+        clock = Clock()
+        clock.callFromThread = lambda f, *a, **kw: None
+        spool = Spool(self.mktemp(), reactor=clock)
+        spool.prepare()
+        self.addCleanup(spool.stop)
+        groups = []
+        real_submit = spool._io_threads.submit
+
+        def submit(fn, *args):
+            groups.append(fn)
+            return real_submit(fn, *args)
+        spool._io_threads.submit = submit
+        spool.run_io(lambda: 1, soon=False)
+        spool.run_io(lambda: 2, soon=False)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [LAZY_IO_DELAY])
+        spool.run_io(lambda: 3)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [0])
+        spool.run_io(lambda: 4, soon=False)  # does not put the urgent one off
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [0])
+        clock.advance(0)
+        self.assertEqual(len(groups), 1)
+        self.assertEqual([value for _, value in groups[0]()], [1, 2, 3, 4])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_kill_9_recovers_exactly_the_acknowledged(self):
         """
