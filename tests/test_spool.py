@@ -506,6 +506,37 @@ class GroupSyncTests(unittest.SynchronousTestCase):
         sync._start()
         self.assertEqual(batches, [sessions] * rounds)
 
+    def test_jobs_share_threads_and_keep_their_outcomes(self):
+        """Two jobs to a thread, this one doing the first two; each job's own error."""
+        from twisted_mta.spool.store import JOBS_PER_THREAD, _GroupSync
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        sync = _GroupSync(None, inline=True)
+        self.addCleanup(sync.stop)
+        handed = []
+        real_submit = sync._workers.submit
+        sync._workers.submit = lambda fn, *a: (handed.append(len(a[0])), real_submit(fn, *a))[1]
+        ran = []
+
+        def job(n):
+            def run():
+                ran.append(n)
+                if n == 3:
+                    raise OSError(28, "No space left on device")
+            return run
+        sync._running = True
+        ds = [sync.submit(job(n), folder) for n in range(5)]
+        sync._running = False
+        sync._start()
+        self.assertEqual(JOBS_PER_THREAD, 2)
+        self.assertEqual(handed, [2, 1])  # jobs 2-3 and 4; 0-1 here
+        self.assertEqual(sorted(ran), [0, 1, 2, 3, 4])
+        for n, d in enumerate(ds):
+            if n == 3:
+                self.assertEqual(self.failureResultOf(d, OSError).value.errno, 28)
+            else:
+                self.assertIsNone(self.successResultOf(d))
+
 
 class DropFieldsTests(unittest.SynchronousTestCase):
     HEAD = (b"Received: from a by internal.example.test\r\n\tid 1\r\n"
