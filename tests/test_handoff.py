@@ -7,6 +7,7 @@ socket, with the index of its listener, and goes to the least loaded one.
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -15,7 +16,8 @@ from twisted.trial import unittest
 
 from tests.e2e_support import wait_for
 from twisted_mta.handoff import HandoffReceiver, ListeningSocketReader, handoff_pair, send_connection
-from twisted_mta.receivers import ReceiverPool
+from twisted_mta.receivers import ReceiverPool, ReceiverProcess
+from twisted_mta.smtp.server import TOO_MANY_FROM_CLIENT, TOO_MANY_IN_ALL
 
 
 class _OneProtocol:
@@ -46,15 +48,15 @@ class HandoffTests(unittest.TestCase):
         self.adopted: list[tuple[socket.socket, int]] = []
         self.lost = []
 
-        def adopt(fd, listen_index):
-            self.adopted.append((socket.socket(fileno=socket.dup(fd)), listen_index))
+        def adopt(fd, listen_index, over):
+            self.adopted.append((socket.socket(fileno=socket.dup(fd)), listen_index, over))
 
         self.receiver = HandoffReceiver(adopt, lambda: self.lost.append(True))
         reactor.adoptStreamConnection(theirs.fileno(), socket.AF_UNIX, _OneProtocol(self.receiver))
         theirs.close()
         self.addCleanup(lambda: self.receiver.transport.loseConnection())
         self.reader = ListeningSocketReader(
-            reactor, self.listener, 2, lambda conn, n: (send_connection(self.link, conn, n),
+            reactor, self.listener, 2, lambda conn, n: (send_connection(self.link, conn, n, 1),
                                                         conn.close()))
         self.reader.start()
         self.addCleanup(self.reader.stop)
@@ -67,11 +69,11 @@ class HandoffTests(unittest.TestCase):
             self.addCleanup(c.close)
             clients.append(c)
         yield wait_for(lambda: len(self.adopted) == 5, "five connections handed over")
-        self.assertEqual({n for _, n in self.adopted}, {2})
+        self.assertEqual({(n, over) for _, n, over in self.adopted}, {(2, 1)})
         # Each adopted socket is the server side of one client's connection.
-        self.assertEqual(sorted(s.getpeername() for s, _ in self.adopted),
+        self.assertEqual(sorted(s.getpeername() for s, _, _ in self.adopted),
                          sorted(c.getsockname() for c in clients))
-        for s, _ in self.adopted:
+        for s, _, _ in self.adopted:
             self.addCleanup(s.close)
             s.sendall(b"220 hello\r\n")
         for c in clients:
@@ -99,7 +101,7 @@ class _Proc:
         self.full = full
         self.got = []
 
-    def hand(self, connection, listen_index):
+    def hand(self, connection, ip, listen_index, over):
         if self.full:
             return False
         self.sessions += 1
@@ -117,11 +119,16 @@ class _Conn:
         return ("127.0.0.1", 1)
 
 
+def _mta(connections=100, per_client=100):
+    limits = SimpleNamespace(connections=connections, connections_per_client=per_client)
+    return SimpleNamespace(config=SimpleNamespace(limits=limits))
+
+
 class DispatchTests(unittest.TestCase):
     """L{ReceiverPool.dispatch}: the least loaded receiver, ties in turn."""
 
     def pool(self, *procs):
-        pool = ReceiverPool(None, len(procs), Clock())
+        pool = ReceiverPool(_mta(), len(procs), Clock())
         pool.processes = {i: p for i, p in enumerate(procs, 1)}
         return pool
 
@@ -165,3 +172,87 @@ class DispatchTests(unittest.TestCase):
         self.assertTrue(conn.closed)
         self.assertIn("no receiver could take a connection from 127.0.0.1; closed it",
                       [formatEvent(e) for e in seen])
+
+
+class LimitTests(unittest.TestCase):
+    """
+    The main process counts the sessions open in all receivers and says
+    with each connection whether it is over C{[limits]}: exact limits
+    whatever the number of receivers.
+    """
+
+    def setUp(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.addCleanup(self.listener.close)
+
+    def pool(self, **limits):
+        pool = ReceiverPool(_mta(**limits), 2, Clock())
+        self.ends = {}
+        for index in (1, 2):
+            proc = ReceiverProcess(pool, index)
+            proc.link, self.ends[index] = handoff_pair()
+            self.addCleanup(proc.link.close)
+            self.addCleanup(self.ends[index].close)
+            proc.accepting = True
+            pool.processes[index] = proc
+        return pool
+
+    def connect(self, pool, n=1):
+        for _ in range(n):
+            client = socket.create_connection(self.listener.getsockname())
+            self.addCleanup(client.close)
+            server, _ = self.listener.accept()
+            pool.dispatch(server, 0)
+            self.assertEqual(server.fileno(), -1)  # handed over and closed here
+
+    def said(self) -> list[int]:
+        """What each receiver was told (the limit byte's top bits), in turn, and close the fds."""
+        overs = []
+        for end in self.ends.values():
+            end.setblocking(False)
+            while True:  # one message (byte and fd) per call
+                try:
+                    data, fds, _, _ = socket.recv_fds(end, 64, 64)
+                except BlockingIOError:
+                    break
+                for fd in fds:
+                    socket.socket(fileno=fd).close()
+                overs += [b >> 6 for b in data]
+        return sorted(overs)
+
+    def test_per_client_over_all_receivers(self):
+        pool = self.pool(per_client=3)
+        self.connect(pool, 4)
+        # Two each: neither receiver alone is over 3; the fourth is.
+        self.assertEqual(sorted(p.sessions for p in pool.processes.values()), [2, 2])
+        self.assertEqual(self.said(), [0, 0, 0, TOO_MANY_FROM_CLIENT])
+        self.assertEqual(pool.counter.per_ip, {"127.0.0.1": 4})
+
+    def test_in_all(self):
+        pool = self.pool(connections=2)
+        self.connect(pool, 3)
+        self.assertEqual(self.said(), [0, 0, TOO_MANY_IN_ALL])
+
+    def test_closed_sessions_free_their_places(self):
+        pool = self.pool(per_client=2)
+        self.connect(pool, 2)
+        self.said()
+        proc = pool.processes[1]
+        proc.childDataReceived(1, b"closed 127.0.0.1\n")
+        self.assertEqual(pool.counter.total, 1)
+        self.connect(pool)
+        self.assertEqual(self.said(), [0])
+        proc.childDataReceived(1, b"closed 10.0.0.9\n")  # not one of its clients: ignored
+        self.assertEqual(pool.counter.total, 2)
+
+    def test_a_dead_receivers_sessions_are_gone(self):
+        pool = self.pool(per_client=2)
+        self.connect(pool, 2)
+        self.said()
+        pool.processes[1].forget_sessions()
+        pool.processes[2].forget_sessions()
+        self.assertEqual((pool.counter.total, pool.counter.per_ip), (0, {}))
+        self.connect(pool)
+        self.assertEqual(self.said(), [0])

@@ -68,6 +68,15 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("listen[2].endpoint: receivers = 2 takes tcp: or tcp6: listeners only",
                       str(e.exception))
 
+    def test_at_most_64_listeners(self):
+        tables = "".join(f'[[listen]]\nendpoint = "tcp:{2000 + i}"\n' for i in range(65))
+        with self.assertRaises(configmod.ConfigError) as e:
+            self.parse("receivers = 2\n" + tables)
+        self.assertIn("listen: receivers = 2 takes at most 64 listeners, got 65",
+                      str(e.exception))
+        self.assertEqual(len(self.parse("receivers = 2\n" + tables[:tables.rindex("[[")])
+                             .listen), 64)
+
     def test_reload_says_receivers_and_spool_sync_wait_for_a_restart(self):
         from twisted_mta.receiving import ReceivingService
         old = self.parse('[[listen]]\nendpoint = "tcp:2525"')
@@ -288,6 +297,38 @@ class ReceiversEndToEndTests(unittest.TestCase):
         yield self.mta.stopService()
         self.assertEqual(self.mta.receivers.processes, {})
         self.assertFalse(any(alive(pid) for pid in pids))
+
+
+class LimitsAcrossReceiversTests(unittest.TestCase):
+    """[limits] count the sessions of all receivers (the main process counts)."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_per_client_limit_counts_every_receiver(self):
+        site = Site(self.mktemp(), limits={"connections_per_client": 3})
+        site.config_path.write_text("receivers = 2\n" + site.config_path.read_text())
+        mta = start_in_process(self, site)
+        yield mta.receivers.whenReady()
+
+        def fourth_session_refused():
+            clients = []
+            try:
+                for _ in range(3):  # two on one receiver, one on the other
+                    clients.append(smtplib.SMTP("127.0.0.1", site.port(), timeout=30))
+                with self.assertRaises(smtplib.SMTPConnectError) as e:
+                    smtplib.SMTP("127.0.0.1", site.port(), timeout=30)
+                return e.exception.smtp_code, e.exception.smtp_error
+            finally:
+                for client in clients:
+                    client.quit()
+
+        code, text = yield in_thread(fourth_session_refused)
+        self.assertEqual(code, 421)
+        self.assertIn(b"too many connections from 127.0.0.1", text)
+        # The receivers report the sessions' ends: the places are free again.
+        yield wait_for(lambda: mta.receivers.counter.total == 0, "every session counted out")
+        yield in_thread(lambda: smtplib.SMTP("127.0.0.1", site.port(), timeout=30).quit())
 
 
 class GeneratedCertificateTests(unittest.TestCase):

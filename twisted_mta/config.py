@@ -367,8 +367,12 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         if not listen:
             raise top.error("listen", "no listeners")
     if receivers:
-        # Receivers take over the main process's listening sockets; only
-        # TCP ones can be shared (a UNIX socket's file is the main one's).
+        # Receivers are handed connections with one byte naming the
+        # listener (twisted_mta.handoff); they are TCP ones (the receivers
+        # know a session's client by its IP address).
+        if len(listen) > 64:
+            raise ConfigError(file, "listen", f"receivers = {receivers} takes at most 64 "
+                                              f"listeners, got {len(listen)}")
         for i, each in enumerate(listen, 1):
             if each.endpoint.split(":", 1)[0] not in ("tcp", "tcp6"):
                 raise ConfigError(file, f"listen[{i}].endpoint",

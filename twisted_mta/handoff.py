@@ -4,12 +4,14 @@ Handing accepted connections from the main process to the receivers
 
 The main process accepts on its listening sockets and passes each new
 connection to the receiver with the fewest open sessions, over a Unix
-socket pair per receiver: one byte (the index of the C{[[listen]]} table
-it came in on) with the connection's file descriptor attached
-(C{SCM_RIGHTS}).  The receiver adopts it as if it had accepted it.  Each
-receiver says when a session it was handed ends (a C{closed} line on its
-pipe to the main process), so the main process knows every receiver's
-load.
+socket pair per receiver: one byte with the connection's file descriptor
+attached (C{SCM_RIGHTS}).  The byte says which C{[[listen]]} table it came
+in on and whether it is over a connection limit of C{[limits]}, which the
+main process counts across all receivers.  The receiver adopts it as if
+it had accepted it (and answers 421 if it is over a limit).  Each
+receiver says when a session it was handed ends (a C{closed <ip>} line on
+its pipe to the main process), so the main process knows every
+receiver's load and the connections open from each client.
 
 Why not let every receiver accept on the shared listening socket: every
 receiver is woken by a new connection and the one that gets to accept()
@@ -42,6 +44,16 @@ ACCEPT_PAUSE = 0.1
 
 _RETRY_ACCEPT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
+#: [[listen]] tables a handed-over connection can name: the byte's low six
+#: bits; the top two say which limit it is over (0: none).
+MAX_LISTENERS = 64
+
+
+def _byte(listen_index: int, over: int) -> bytes:
+    if not 0 <= listen_index < MAX_LISTENERS or not 0 <= over < 4:
+        raise ValueError(f"cannot hand over listener {listen_index}, limit {over}")
+    return bytes((over << 6 | listen_index,))
+
 
 def handoff_pair() -> tuple[socket.socket, socket.socket]:
     """A connected pair: the main process's end, the receiver's end."""
@@ -50,13 +62,16 @@ def handoff_pair() -> tuple[socket.socket, socket.socket]:
     return mine, theirs
 
 
-def send_connection(link: socket.socket, connection: socket.socket, listen_index: int) -> None:
+def send_connection(link: socket.socket, connection: socket.socket, listen_index: int,
+                    over: int = 0) -> None:
     """
     Pass C{connection} (accepted on C{[[listen]]} number C{listen_index},
-    from 0) over C{link}.  Raises C{BlockingIOError} if the receiver is
-    not keeping up, C{OSError} if it is gone.
+    from 0; over limit C{over}, as
+    L{twisted_mta.smtp.server.ConnectionCounter.over} says) over C{link}.
+    Raises C{BlockingIOError} if the receiver is not keeping up,
+    C{OSError} if it is gone.
     """
-    link.sendmsg([bytes((listen_index,))],
+    link.sendmsg([_byte(listen_index, over)],
                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [connection.fileno()]))])
 
 
@@ -125,11 +140,11 @@ class ListeningSocketReader:
 class HandoffReceiver(protocol.Protocol):
     """
     The receiver's end of the pair: adopts each connection it is handed
-    with C{adopt(fd, listen_index)}, and calls C{lost()} when the main
-    process closes the pair.
+    with C{adopt(fd, listen_index, over)}, and calls C{lost()} when the
+    main process closes the pair.
     """
 
-    def __init__(self, adopt: Callable[[int, int], None], lost: Callable[[], None]):
+    def __init__(self, adopt: Callable[[int, int, int], None], lost: Callable[[], None]):
         self.adopt = adopt
         self.lost = lost
         self._fds: list[int] = []
@@ -139,13 +154,13 @@ class HandoffReceiver(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         # One byte per descriptor, both in the order sent.
-        for listen_index in data:
+        for byte in data:
             if not self._fds:
                 log.error("handoff: a listener index without a connection")
                 continue
             fd = self._fds.pop(0)
             try:
-                self.adopt(fd, listen_index)
+                self.adopt(fd, byte & (MAX_LISTENERS - 1), byte >> 6)
             except Exception:
                 log.failure("handoff: could not take a connection")
             finally:

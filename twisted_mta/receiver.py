@@ -14,7 +14,7 @@ output, one line per record:
     committing <id>                        (end of input: stop)
     queued <entry JSON>
     aborted <id>
-    closed                (a session ended)
+    closed <client ip>    (a session ended)
     reloaded <generation> | refused <why>
     log <level> <text>
 
@@ -89,7 +89,24 @@ class _ReportingCounter(ConnectionCounter):
 
     def remove(self, ip: str) -> None:
         super().remove(ip)
-        self._channel.send(b"closed")
+        self._channel.send(b"closed " + ip.encode("ascii", "replace"))
+
+
+class _HandedOverFactory(ESMTPFactory):
+    """
+    An L{ESMTPFactory} that also heeds the main process's count of the
+    connections open in all receivers: a connection it says is over a
+    C{[limits]} limit gets the same 421 as one over this process's own.
+    """
+
+    #: what the main process said of the connection being adopted now
+    over = 0
+
+    def admit(self, proto):
+        refusal = super().admit(proto)
+        if refusal is None and self.over:
+            refusal = self.refusal(proto, self.over, None)
+        return refusal
 
 
 def _generated_from_environment() -> tuple | None:
@@ -130,16 +147,15 @@ class ReceiverService(ReceivingService):
         """Serve the connections the main process hands over the handoff socket."""
         self.factories = []
         for listen in self.config.listen:
-            factory = ESMTPFactory(self, listen, self.counter)
-            if listen.tls == "implicit":
-                factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-            self.factories.append(factory)
+            factory = _HandedOverFactory(self, listen, self.counter)
+            self.factories.append((factory, TLSMemoryBIOFactory(self.tls_options, False, factory)
+                                   if listen.tls == "implicit" else factory))
         self.handoff = HandoffReceiver(self._adopt, self._handoff_lost)
         self.reactor.adoptStreamConnection(
             self.handoff_fd, socket.AF_UNIX, _OneProtocol(self.handoff))
         os.close(self.handoff_fd)  # adoptStreamConnection made its own copy
 
-    def _adopt(self, fd: int, listen_index: int) -> None:
+    def _adopt(self, fd: int, listen_index: int, over: int) -> None:
         if listen_index >= len(self.factories):
             # The main process listens as its configuration said at its
             # start; ours was read later and has fewer [[listen]] tables.
@@ -148,7 +164,12 @@ class ReceiverService(ReceivingService):
         probe = socket.socket(fileno=fd)
         family = probe.family
         probe.detach()
-        self.reactor.adoptStreamConnection(fd, family, self.factories[listen_index])
+        smtp, outer = self.factories[listen_index]
+        smtp.over = over  # adoptStreamConnection calls admit() before it returns
+        try:
+            self.reactor.adoptStreamConnection(fd, family, outer)
+        finally:
+            smtp.over = 0
 
     def _handoff_lost(self) -> None:
         self.handoff = None

@@ -13,6 +13,7 @@ fewest sessions (L{twisted_mta.handoff}), delivers on its own core.
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import sys
@@ -25,6 +26,7 @@ from twisted.logger import Logger, LogLevel
 import twisted_mta
 from twisted_mta import config as configmod
 from twisted_mta.handoff import ListeningSocketReader, handoff_pair, send_connection
+from twisted_mta.smtp.server import ConnectionCounter
 from twisted_mta.smtp import tls as tlsmod
 from twisted_mta.spool.entry import QueueEntry
 from twisted_mta.spool.store import SpoolError
@@ -66,6 +68,8 @@ class ReceiverProcess(protocol.ProcessProtocol):
         self.accepting = False
         #: sessions handed to it and not reported closed
         self.sessions = 0
+        #: the same, per client IP
+        self.clients: collections.Counter = collections.Counter()
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -92,7 +96,7 @@ class ReceiverProcess(protocol.ProcessProtocol):
         elif verb == b"committing":
             self.committing.add(rest.decode("ascii", "replace"))
         elif verb == b"closed":
-            self.sessions = max(0, self.sessions - 1)
+            self.closed(rest.decode("ascii", "replace"))
         elif verb == b"aborted":
             self.committing.discard(rest.decode("ascii", "replace"))
         elif verb == b"log":
@@ -144,13 +148,13 @@ class ReceiverProcess(protocol.ProcessProtocol):
         except error.ProcessExitedAlready:
             pass
 
-    def hand(self, connection: socket.socket, listen_index: int) -> bool:
+    def hand(self, connection: socket.socket, ip: str, listen_index: int, over: int) -> bool:
         """
-        Pass C{connection} to this receiver; False if it cannot take it
-        now (then it has not: the caller still owns C{connection}).
+        Pass C{connection} from C{ip} to this receiver; False if it cannot
+        take it now (then it has not: the caller still owns C{connection}).
         """
         try:
-            send_connection(self.link, connection, listen_index)
+            send_connection(self.link, connection, listen_index, over)
         except BlockingIOError:
             return False  # it is not keeping up: another one, this time
         except OSError as e:
@@ -158,7 +162,26 @@ class ReceiverProcess(protocol.ProcessProtocol):
             self.close_link()
             return False
         self.sessions += 1
+        self.clients[ip] += 1
+        self.pool.counter.add(ip)
         return True
+
+    def closed(self, ip: str) -> None:
+        """A session it was handed ended."""
+        if self.clients[ip] > 0:
+            self.clients[ip] -= 1
+            self.sessions -= 1
+            self.pool.counter.remove(ip)
+        if not self.clients[ip]:
+            del self.clients[ip]
+
+    def forget_sessions(self) -> None:
+        """It ended: so did its sessions."""
+        for ip, n in self.clients.items():
+            for _ in range(n):
+                self.pool.counter.remove(ip)
+        self.clients.clear()
+        self.sessions = 0
 
     def close_link(self) -> None:
         self.accepting = False
@@ -169,6 +192,7 @@ class ReceiverProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.close_link()
+        self.forget_sessions()
         for fd, rest in self._buffers.items():
             if rest:
                 self.childDataReceived(fd, b"\n")
@@ -192,6 +216,8 @@ class ReceiverPool(service.Service):
         self.processes: dict[int, ReceiverProcess] = {}
         self.readers: list[ListeningSocketReader] = []
         self._next = 0  # round robin among the least loaded
+        #: the sessions open in all receivers, for [limits]
+        self.counter = ConnectionCounter()
         self._failures: dict[int, int] = {}
         self._timers: dict[int, object] = {}
         self._stopping = False
@@ -217,7 +243,14 @@ class ReceiverPool(service.Service):
         self.readers = []
 
     def dispatch(self, connection: socket.socket, listen_index: int) -> None:
-        """Hand a new connection to the receiver with the fewest sessions."""
+        """
+        Hand a new connection to the receiver with the fewest sessions,
+        saying whether it is over a connection limit (counted here, over
+        all receivers: the receiver answers 421).
+        """
+        ip = _peer(connection)
+        over = ConnectionCounter.over(self.mta.config.limits, self.counter.total + 1,
+                                      self.counter.per_ip.get(ip, 0) + 1)
         ready = [p for p in self.processes.values() if p.accepting]
         if ready:
             self._next = (self._next + 1) % len(ready)
@@ -225,10 +258,9 @@ class ReceiverPool(service.Service):
             ready.sort(key=lambda p: p.sessions)
         try:
             for proc in ready:
-                if proc.hand(connection, listen_index):
+                if proc.hand(connection, ip, listen_index, over):
                     return
-            log.warn("no receiver could take a connection from {peer}; closed it",
-                     peer=_peer(connection))
+            log.warn("no receiver could take a connection from {peer}; closed it", peer=ip)
         finally:
             connection.close()  # the receiver has its own copy
 

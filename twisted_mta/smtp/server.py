@@ -982,6 +982,10 @@ class ESMTPServer(Protocol):
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+#: Which C{[limits]} a connection is over (L{ConnectionCounter.over}).
+TOO_MANY_IN_ALL, TOO_MANY_FROM_CLIENT = 1, 2
+
+
 class ConnectionCounter:
     """Connections open now, in all and per client IP, for the limits."""
 
@@ -994,6 +998,19 @@ class ConnectionCounter:
         count = self.per_ip.get(ip, 0) + 1
         self.per_ip[ip] = count
         return self.total, count
+
+    @staticmethod
+    def over(limits, total: int, mine: int) -> int:
+        """
+        Which of C{limits} (a C{[limits]} table) a connection is over, with
+        C{total} open in all and C{mine} from its client, itself counted:
+        0 for none.
+        """
+        if total > limits.connections:
+            return TOO_MANY_IN_ALL
+        if mine > limits.connections_per_client:
+            return TOO_MANY_FROM_CLIENT
+        return 0
 
     def remove(self, ip: str) -> None:
         self.total -= 1
@@ -1025,15 +1042,24 @@ class ESMTPFactory(Factory):
         ip = proto.session.client_ip
         total, mine = self.counter.add(ip)
         proto._counted = True
-        limits = proto.config.limits
-        host = proto.hostname
-        if total > limits.connections:
-            log.info("too many connections in all ({n}); refused [{ip}]", n=total, ip=ip)
-            return Reply(421, "4.7.0", f"{host} Error: too many connections")
-        if mine > limits.connections_per_client:
-            log.info("too many connections from [{ip}] ({n})", ip=ip, n=mine)
-            return Reply(421, "4.7.0", f"{host} Error: too many connections from {ip}")
+        kind = ConnectionCounter.over(proto.config.limits, total, mine)
+        if kind:
+            return self.refusal(proto, kind, total if kind == TOO_MANY_IN_ALL else mine)
         return None
+
+    @staticmethod
+    def refusal(proto: ESMTPServer, kind: int, n: int | None) -> Reply:
+        """
+        The 421 (logged) for a connection over limit C{kind}, the C{n}th
+        open (None: counted by the main process, see L{twisted_mta.handoff}).
+        """
+        ip, host = proto.session.client_ip, proto.hostname
+        count = "" if n is None else f" ({n})"
+        if kind == TOO_MANY_IN_ALL:
+            log.info("too many connections in all{count}; refused [{ip}]", count=count, ip=ip)
+            return Reply(421, "4.7.0", f"{host} Error: too many connections")
+        log.info("too many connections from [{ip}]{count}", ip=ip, count=count)
+        return Reply(421, "4.7.0", f"{host} Error: too many connections from {ip}")
 
     def release(self, proto: ESMTPServer) -> None:
         if getattr(proto, "_counted", False):
