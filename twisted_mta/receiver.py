@@ -54,12 +54,11 @@ def state_folder(spool: Path, index: int) -> Path | None:
     return None if index == 1 else Path(spool) / "state" / f"receiver-{index}"
 
 
-
-
 class _ReportingSpool:
     """
     The spool as the server sees it, saying to the main process which ids
-    are being committed, so none is lost if this process dies mid-commit.
+    are being committed, so none is lost if this process dies mid-commit,
+    and then what was queued (before the client's 250).
     """
 
     def __init__(self, spool: Spool, channel: "MainChannel"):
@@ -71,13 +70,18 @@ class _ReportingSpool:
 
     def commit(self, incoming, entry):
         self._channel.send(b"committing " + incoming.id.encode("ascii"))
-        d = self._spool.commit(incoming, entry)
+        envelope = entry.to_json()  # once, for the spool and the main process
+        d = self._spool.commit(incoming, entry, envelope)
+
+        def done(result):
+            self._channel.send(b"queued " + envelope)
+            return result
 
         def failed(failure):
             self._channel.send(b"aborted " + incoming.id.encode("ascii"))
             return failure
 
-        return d.addErrback(failed)
+        return d.addCallbacks(done, failed)
 
 
 class _ReportingCounter(ConnectionCounter):
@@ -141,7 +145,7 @@ class ReceiverService(ReceivingService):
         self.generated = _generated_from_environment()
 
     def queued(self, entry) -> None:
-        self.channel.send(b"queued " + entry.to_json())
+        """Nothing to do: L{_ReportingSpool.commit} has told the main process."""
 
     def take_connections(self) -> None:
         """Serve the connections the main process hands over the handoff socket."""

@@ -675,13 +675,16 @@ class Spool:
         path, fd = self._pool.take()
         return Incoming(self, self.new_id(), path, fd)
 
-    def commit(self, incoming: Incoming, entry: QueueEntry) -> Deferred:
+    def commit(self, incoming: Incoming, entry: QueueEntry,
+               envelope: bytes | None = None) -> Deferred:
         """
         Append C{entry} and the commit record to the message file and make
         both durable.  The Deferred fires once they are on disk; if it
         fails, the message was not accepted and its file is removed.
+        C{envelope}: C{entry.to_json()}, if the caller has it already.
         """
-        envelope = entry.to_json()
+        if envelope is None:
+            envelope = entry.to_json()
         pieces = incoming._take()
         pieces += (envelope, _trailer(envelope))
         fd = incoming._fd
