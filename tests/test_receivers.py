@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer
@@ -156,6 +158,47 @@ class RecoveryTests(unittest.TestCase):
         proc.pool._recover(proc)
         self.assertEqual(mta.got, [incoming.id])
         self.assertEqual(proc.committing, set())
+
+    @defer.inlineCallbacks
+    def test_sweep_finds_what_a_dead_receiver_never_reported(self):
+        """Committed, old enough, known to nobody: delivered; the rest left alone."""
+        spool = Spool(self.mktemp())
+        spool.prepare()
+        self.addCleanup(spool.stop)
+        ids = []
+        for n in range(4):
+            incoming = spool.new_message()
+            incoming.write(b"Subject: %d\r\n\r\nbody\r\n" % n)
+            entry = QueueEntry(incoming.id, "a@example.org", [RecipientState("b@example.org")],
+                               0.0)
+            yield spool.commit(incoming, entry)
+            ids.append(incoming.id)
+        unknown, delivering, committing, fresh = ids
+        old = time.time() - 60
+        for queue_id in (unknown, delivering, committing):
+            os.utime(spool.queue / queue_id, (old, old))
+        uncommitted = spool.new_message()  # in incoming/: not looked at
+        uncommitted.write(b"x")
+        uncommitted.flush()
+        self.addCleanup(uncommitted.abort)
+        mta = _MTA(spool)
+        mta.delivery = SimpleNamespace(entries={delivering: None})
+        pool = ReceiverPool(mta, 1, Clock())
+        live = ReceiverProcess(pool, 1)
+        live.committing = {committing}
+        pool.processes[1] = live
+        yield pool.sweep()
+        self.assertEqual(mta.got, [unknown])
+
+    def test_a_receivers_death_schedules_a_sweep(self):
+        from twisted_mta.receivers import SWEEP_AFTER
+        clock = Clock()
+        pool = ReceiverPool(_MTA(None), 1, clock)
+        proc = ReceiverProcess(pool, 1)
+        pool.processes[1] = proc
+        pool.ended(proc, SimpleNamespace(value="killed by signal 9"))
+        self.assertIn((SWEEP_AFTER, pool.sweep),
+                      [(c.getTime(), c.func) for c in clock.getDelayedCalls()])
 
     def test_queued_record_ends_committing(self):
         mta = _MTA(None)

@@ -17,6 +17,7 @@ import collections
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from twisted.application import service
@@ -40,6 +41,11 @@ RESTART_DELAYS = (0.5, 1, 2, 4, 8, 16, 30, 60)
 STABLE_AFTER = 60.0
 #: Seconds a receiver has to finish after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 30.0
+
+#: Seconds after a receiver died before the spool is searched for messages
+#: it committed and never reported (see L{ReceiverPool.sweep}); also how
+#: old such a file must be.
+SWEEP_AFTER = 10.0
 
 #: The environment variable carrying a generated certificate to receivers.
 GENERATED_TLS = "TWISTED_MTA_GENERATED_TLS"
@@ -221,6 +227,7 @@ class ReceiverPool(service.Service):
         self._failures: dict[int, int] = {}
         self._timers: dict[int, object] = {}
         self._stopping = False
+        self._sweep = None
 
     def startService(self) -> None:
         super().startService()
@@ -319,6 +326,8 @@ class ReceiverPool(service.Service):
         if self._stopping:
             log.info("{name} stopped", name=proc.name)
             return
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(SWEEP_AFTER, self.sweep)
         log.error("{name} (pid {pid}) ended: {why}", name=proc.name, pid=proc.pid,
                   why=reason.value)
         ran = self.reactor.seconds() - proc.started
@@ -344,9 +353,50 @@ class ReceiverPool(service.Service):
             self.mta.received(entry)
         proc.committing.clear()
 
+    def sweep(self) -> defer.Deferred:
+        """
+        Deliver what is in the spool, committed, older than L{SWEEP_AFTER}
+        and known to nobody: a receiver killed right after a commit, before
+        its C{committing} line left it, had said nothing of it (the next
+        start-up would find it; this finds it now).  Reads in the spool's
+        I/O thread.
+        """
+        self._sweep = None
+        spool = self.mta.spool
+        known = set(self.mta.delivery.entries)
+        for proc in self.processes.values():
+            known |= proc.committing
+        before = time.time() - SWEEP_AFTER
+
+        def find() -> list:
+            found = []
+            for name in sorted(os.listdir(spool.queue)):
+                if "." in name or name in known:
+                    continue
+                try:
+                    if os.stat(spool.queue / name).st_mtime > before:
+                        continue  # being committed or just queued: told soon
+                    found.append(spool.load(name))
+                except (OSError, SpoolError):
+                    continue  # gone, or never committed
+            return found
+
+        def deliver(entries: list) -> None:
+            for entry in entries:
+                if entry.id not in self.mta.delivery.entries:
+                    log.info("{id}: found in the spool after a receiver ended; delivering",
+                             id=entry.id)
+                    self.mta.received(entry)
+
+        return spool.run_io(find).addCallback(deliver).addErrback(
+            lambda failure: log.failure("could not search the spool", failure))
+
     def stopService(self) -> defer.Deferred:
         super().stopService()
         self._stopping = True
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         self.stop_accepting()
         for timer in self._timers.values():
             if timer.active():
