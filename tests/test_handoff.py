@@ -256,3 +256,25 @@ class LimitTests(unittest.TestCase):
         self.assertEqual((pool.counter.total, pool.counter.per_ip), (0, {}))
         self.connect(pool)
         self.assertEqual(self.said(), [0])
+
+
+class AdoptFailureTests(unittest.TestCase):
+    """A handed-over connection the receiver cannot serve is not left counted."""
+
+    def test_unknown_listener_reported_closed(self):
+        from twisted_mta.receiver import ReceiverService
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        server, _ = listener.accept()
+        self.addCleanup(server.close)
+        sent = []
+        receiver = SimpleNamespace(factories=[], config=SimpleNamespace(file="mta.toml"),
+                                   channel=SimpleNamespace(send=sent.append), reactor=reactor)
+        with self.assertRaises(ValueError) as e:
+            ReceiverService._adopt(receiver, server.fileno(), 1, 0)
+        self.assertIn("[[listen]] number 2, but mta.toml has 0", str(e.exception))
+        self.assertEqual(sent, [b"closed 127.0.0.1"])

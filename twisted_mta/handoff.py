@@ -62,6 +62,17 @@ def handoff_pair() -> tuple[socket.socket, socket.socket]:
     return mine, theirs
 
 
+def peer_ip(connection: socket.socket) -> str:
+    """
+    The client's address as both processes name it in their counts (the
+    main process's C{[limits]} count and the receiver's C{closed} lines).
+    """
+    try:
+        return str(connection.getpeername()[0])
+    except OSError:
+        return "?"  # already reset by the client
+
+
 def send_connection(link: socket.socket, connection: socket.socket, listen_index: int,
                     over: int = 0) -> None:
     """

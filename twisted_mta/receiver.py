@@ -38,7 +38,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_mta import config as configmod
-from twisted_mta.handoff import HandoffReceiver
+from twisted_mta.handoff import HandoffReceiver, peer_ip
 from twisted_mta.logs import message_text
 from twisted_mta.receiving import ReceivingService, ReloadError, StartupError
 from twisted_mta.smtp.server import ConnectionCounter, ESMTPFactory
@@ -160,20 +160,27 @@ class ReceiverService(ReceivingService):
         os.close(self.handoff_fd)  # adoptStreamConnection made its own copy
 
     def _adopt(self, fd: int, listen_index: int, over: int) -> None:
-        if listen_index >= len(self.factories):
-            # The main process listens as its configuration said at its
-            # start; ours was read later and has fewer [[listen]] tables.
-            raise ValueError(f"a connection from [[listen]] number {listen_index + 1}, "
-                             f"but {self.config.file} has {len(self.factories)}")
         probe = socket.socket(fileno=fd)
-        family = probe.family
-        probe.detach()
-        smtp, outer = self.factories[listen_index]
-        smtp.over = over  # adoptStreamConnection calls admit() before it returns
         try:
-            self.reactor.adoptStreamConnection(fd, family, outer)
+            family, ip = probe.family, peer_ip(probe)
         finally:
-            smtp.over = 0
+            probe.detach()
+        try:
+            if listen_index >= len(self.factories):
+                # The main process listens as its configuration said at its
+                # start; ours was read later and has fewer [[listen]] tables.
+                raise ValueError(f"a connection from [[listen]] number {listen_index + 1}, "
+                                 f"but {self.config.file} has {len(self.factories)}")
+            smtp, outer = self.factories[listen_index]
+            smtp.over = over  # adoptStreamConnection calls admit() before it returns
+            try:
+                self.reactor.adoptStreamConnection(fd, family, outer)
+            finally:
+                smtp.over = 0
+        except Exception:
+            # It never became a session: the main process must not count it.
+            self.channel.send(b"closed " + ip.encode("ascii", "replace"))
+            raise
 
     def _handoff_lost(self) -> None:
         self.handoff = None

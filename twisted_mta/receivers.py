@@ -26,7 +26,7 @@ from twisted.logger import Logger, LogLevel
 
 import twisted_mta
 from twisted_mta import config as configmod
-from twisted_mta.handoff import ListeningSocketReader, handoff_pair, send_connection
+from twisted_mta.handoff import ListeningSocketReader, handoff_pair, peer_ip, send_connection
 from twisted_mta.smtp.server import ConnectionCounter
 from twisted_mta.smtp import tls as tlsmod
 from twisted_mta.spool.entry import QueueEntry
@@ -255,7 +255,7 @@ class ReceiverPool(service.Service):
         saying whether it is over a connection limit (counted here, over
         all receivers: the receiver answers 421).
         """
-        ip = _peer(connection)
+        ip = peer_ip(connection)
         over = ConnectionCounter.over(self.mta.config.limits, self.counter.total + 1,
                                       self.counter.per_ip.get(ip, 0) + 1)
         ready = [p for p in self.processes.values() if p.accepting]
@@ -404,9 +404,3 @@ class ReceiverPool(service.Service):
         self._timers.clear()
         return defer.DeferredList([p.stop() for p in list(self.processes.values())])
 
-
-def _peer(connection: socket.socket) -> str:
-    try:
-        return str(connection.getpeername()[0])
-    except OSError:
-        return "?"
