@@ -30,6 +30,18 @@ def entry_for(incoming, **kw) -> QueueEntry:
                       size=incoming.size, **kw)
 
 
+
+def record_submits(executor) -> list:
+    """Have C{executor.submit} record each (function, arguments) it is handed, in a list."""
+    handed = []
+    real_submit = executor.submit
+
+    def submit(fn, *args):
+        handed.append((fn, args))
+        return real_submit(fn, *args)
+    executor.submit = submit
+    return handed
+
 class SpoolTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.path = Path(self.mktemp())
@@ -382,13 +394,7 @@ class ThreadedSpoolTests(unittest.TestCase):
         spool = Spool(path)
         self.addCleanup(spool.stop)
         spool.prepare()
-        handed = []
-        real_submit = spool._io_threads.submit
-
-        def submit(fn, *args):
-            handed.append(fn)
-            return real_submit(fn, *args)
-        spool._io_threads.submit = submit
+        handed = record_submits(spool._io_threads)
 
         def boom():
             raise OSError(5, "Input/output error")
@@ -407,13 +413,7 @@ class ThreadedSpoolTests(unittest.TestCase):
         spool = Spool(self.mktemp(), reactor=clock)
         spool.prepare()
         self.addCleanup(spool.stop)
-        groups = []
-        real_submit = spool._io_threads.submit
-
-        def submit(fn, *args):
-            groups.append(fn)
-            return real_submit(fn, *args)
-        spool._io_threads.submit = submit
+        groups = record_submits(spool._io_threads)
         spool.run_io(lambda: 1, soon=False)
         spool.run_io(lambda: 2, soon=False)
         self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [LAZY_IO_DELAY])
@@ -423,7 +423,8 @@ class ThreadedSpoolTests(unittest.TestCase):
         self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [0])
         clock.advance(0)
         self.assertEqual(len(groups), 1)
-        self.assertEqual([value for _, value in groups[0]()], [1, 2, 3, 4])
+        run, _ = groups[0]
+        self.assertEqual([value for _, value in run()], [1, 2, 3, 4])
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_kill_9_recovers_exactly_the_acknowledged(self):
@@ -513,9 +514,7 @@ class GroupSyncTests(unittest.SynchronousTestCase):
         folder.mkdir()
         sync = _GroupSync(None, inline=True)
         self.addCleanup(sync.stop)
-        handed = []
-        real_submit = sync._workers.submit
-        sync._workers.submit = lambda fn, *a: (handed.append(len(a[0])), real_submit(fn, *a))[1]
+        handed = record_submits(sync._workers)
         ran = []
 
         def job(n):
@@ -529,7 +528,7 @@ class GroupSyncTests(unittest.SynchronousTestCase):
         sync._running = False
         sync._start()
         self.assertEqual(JOBS_PER_THREAD, 2)
-        self.assertEqual(handed, [2, 1])  # jobs 2-3 and 4; 0-1 here
+        self.assertEqual([len(jobs) for _, (jobs,) in handed], [2, 1])  # 2-3 and 4; 0-1 here
         self.assertEqual(sorted(ran), [0, 1, 2, 3, 4])
         for n, d in enumerate(ds):
             if n == 3:
