@@ -17,7 +17,7 @@ from twisted_mta import testing
 from twisted_mta.builtins.relay import RelayRules
 from twisted_mta.builtins.routes import RouteTable
 from twisted_mta.interfaces import IMailFilter, IRcptFilter
-from twisted_mta.pipeline import PLUGIN_FAILURE, LoadedPlugin, Pipeline, call_hook
+from twisted_mta.pipeline import PLUGIN_FAILURE, LoadedPlugin, Pipeline, call_hook, call_hook_now
 from twisted_mta.values import Action, AddHeader, RewriteSender, Verdict
 
 
@@ -152,3 +152,70 @@ class AskTests(unittest.SynchronousTestCase):
                 raise AssertionError("not a mail hook")
         results = ask(make_pipeline(Clock(), RcptOnly()))
         self.assertEqual(results[0].action, Action.CONTINUE)
+
+
+class AskNowTests(unittest.SynchronousTestCase):
+    """ask_now, check_relay_now and call_hook_now: plain values when nothing waits."""
+
+    def ask_now(self, *plugins):
+        return make_pipeline(Clock(), *plugins).ask_now("mail", testing.session(), testing.envelope())
+
+    def test_no_filter_is_continue_at_once(self):
+        verdict = self.ask_now()
+        self.assertIsInstance(verdict, Verdict)
+        self.assertEqual((verdict.action, verdict.changes), (Action.CONTINUE, ()))
+
+    def test_synchronous_filters_give_the_verdict(self):
+        a = Answers(Verdict.continue_(AddHeader("A", "1")))
+        b = Answers(Verdict.reject("no"))
+        verdict = self.ask_now(a, b)
+        self.assertIsInstance(verdict, Verdict)
+        self.assertEqual((verdict.action, verdict.changes), (Action.REJECT, (AddHeader("A", "1"),)))
+
+    def test_fired_deferred_and_exception_answer_at_once(self):
+        verdict = self.ask_now(Answers(lambda: defer.succeed(None)), Answers(lambda: 1 / 0))
+        self.assertIs(verdict, PLUGIN_FAILURE)
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_waiting_filter_gives_a_deferred_and_the_rest_are_asked_after(self):
+        d = defer.Deferred()
+        first = Answers(Verdict.continue_(AddHeader("A", "1")))
+        waits, last = Answers(d), Answers(Verdict.continue_(AddHeader("C", "3")))
+        result = self.ask_now(first, waits, last)
+        self.assertIsInstance(result, defer.Deferred)
+        self.assertEqual(last.calls, 0)
+        results = []
+        result.addCallback(results.append)
+        d.callback(Verdict.continue_(AddHeader("B", "2")))
+        self.assertEqual(last.calls, 1)
+        self.assertEqual(results[0].action, Action.CONTINUE)
+        self.assertEqual(results[0].changes,
+                         (AddHeader("A", "1"), AddHeader("B", "2"), AddHeader("C", "3")))
+
+    def test_two_waiting_filters(self):
+        d1, d2 = defer.Deferred(), defer.Deferred()
+        result = self.ask_now(Answers(d1), Answers(d2))
+        results = []
+        result.addCallback(results.append)
+        d1.callback(None)
+        self.assertEqual(results, [])
+        d2.callback(Verdict.tempfail("later"))
+        self.assertEqual(results[0].action, Action.TEMPFAIL)
+
+    def test_check_relay_now(self):
+        pipeline = make_pipeline(Clock())
+        rcpt = testing.envelope().sender
+        verdict = pipeline.check_relay_now(testing.session(), testing.envelope(), rcpt)
+        self.assertIsInstance(verdict, Verdict)
+        results = []
+        pipeline.check_relay(testing.session(), testing.envelope(), rcpt).addCallback(results.append)
+        self.assertEqual(results, [verdict])
+
+    def test_call_hook_now(self):
+        plain = LoadedPlugin("x", Answers(Verdict.accept()))
+        self.assertEqual(call_hook_now(Clock(), plain, "mail", None, None).action, Action.ACCEPT)
+        d = defer.Deferred()
+        waits = LoadedPlugin("y", Answers(d))
+        self.assertIsInstance(call_hook_now(Clock(), waits, "mail", None, None), defer.Deferred)
+        self.assertIs(call_hook_now(Clock(), LoadedPlugin("z", object()), "mail"), PLUGIN_FAILURE)
+        self.flushLoggedErrors(AttributeError)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import interfaces as ti
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,6 +60,17 @@ _session_counter = 0
 #: Put before every session id of this process: a receiver's number and a
 #: dot (twisted_mta.receiver), so that ids are unique across processes.
 session_id_prefix = ""
+
+
+def _then(result: Any, callback: Callable[[Any], Any]) -> Any:
+    """
+    C{callback(result)} now if C{result} is a value, or when it fires if it
+    is a Deferred: for the pipeline's answers (L{Pipeline.ask_now}), which
+    are plain values whenever no plugin had to be waited for.
+    """
+    if isinstance(result, Deferred):
+        return result.addCallback(callback)
+    return callback(result)
 
 
 def _next_session_id() -> str:
@@ -634,7 +645,6 @@ class ESMTPServer(Protocol):
         pipeline = self.context.pipeline
         envelope = Envelope(sender=mail.sender, size=mail.size, body=mail.body,
                             smtputf8=mail.smtputf8)
-        d = pipeline.ask("mail", self.session, envelope)
 
         def decided(verdict: Verdict):
             if verdict.refuses:
@@ -648,7 +658,7 @@ class ESMTPServer(Protocol):
                 self.txn.discarded.add("*")
             return Reply(250, "2.1.0", "Ok")
 
-        return d.addCallback(decided)
+        return _then(pipeline.ask_now("mail", self.session, envelope), decided)
 
     def _postmaster(self) -> Address:
         domains = [d for d in self.config.relay.local_domains if not d.startswith("*.")]
@@ -668,9 +678,9 @@ class ESMTPServer(Protocol):
             # server's own postmaster, never a relay, so the relay rules
             # are not asked (with no local domains they would refuse it).
             rcpt = self._postmaster()
-            d = succeed(Verdict.accept())
+            relay = Verdict.accept()
         else:
-            d = txn.pipeline.check_relay(self.session, txn.envelope, rcpt)
+            relay = txn.pipeline.check_relay_now(self.session, txn.envelope, rcpt)
 
         def relay_decided(verdict: Verdict):
             if verdict.refuses:
@@ -680,8 +690,8 @@ class ESMTPServer(Protocol):
                                   f"<{rcpt}>: {verdict.text or 'Relay access denied'}")
                 self._log_reject("RCPT", reply, rcpt)
                 return reply
-            return txn.pipeline.ask("rcpt", self.session, txn.envelope, rcpt).addCallback(
-                filters_decided)
+            return _then(txn.pipeline.ask_now("rcpt", self.session, txn.envelope, rcpt),
+                         filters_decided)
 
         def filters_decided(verdict: Verdict):
             if verdict.refuses:
@@ -712,7 +722,7 @@ class ESMTPServer(Protocol):
             txn.envelope = txn.envelope.evolve(recipients=txn.envelope.recipients + added)
             return Reply(250, "2.1.5", "Ok")
 
-        return d.addCallback(relay_decided)
+        return _then(relay, relay_decided)
 
     def _log_reject(self, stage: str, reply: Reply | None, rcpt: Address | None = None) -> None:
         if reply is None:
@@ -874,7 +884,7 @@ class ESMTPServer(Protocol):
         d.addErrback(self._commit_failed, txn)
         self._answer_deferred(d, "DATA")
 
-    def _check_and_commit(self, txn: Transaction) -> Deferred:
+    def _check_and_commit(self, txn: Transaction) -> Reply | Deferred:
         incoming = txn.incoming
         incoming.flush()
         # The fields as stored: our Received first, as Postfix's
@@ -882,8 +892,6 @@ class ESMTPServer(Protocol):
         message = Message(size=txn.size,
                           headers=parse_headers(txn.received) + parse_headers(txn.head),
                           path=str(incoming.path))
-        d = txn.pipeline.ask("data", self.session, txn.envelope, message)
-
         def decided(verdict: Verdict):
             if verdict.refuses:
                 txn.abort()
@@ -898,7 +906,7 @@ class ESMTPServer(Protocol):
             return self.context.spool.commit(incoming, entry).addCallback(
                 lambda _: self._committed(txn, entry))
 
-        return d.addCallback(decided)
+        return _then(txn.pipeline.ask_now("data", self.session, txn.envelope, message), decided)
 
     def _committed(self, txn: Transaction, entry: QueueEntry) -> Reply:
         reply = Reply(250, "2.0.0", f"Ok: queued as {entry.id}")
