@@ -664,3 +664,95 @@ class ParseBdatTests(GrammarTestCase):
         for argument in ("", " ", "LAST", "-1", "+1", "1.0", "1 LAST x", "1 FIRST", "1 LAS",
                          "9" * 21, "\u00b2", "\u0661", "1\tLAST", "1 LA\u017fT", "0x10"):
             self.assertReply(lambda: parse_bdat(argument), 501, "5.5.4")
+
+
+def long_domain(length: int) -> str:
+    """A valid domain of C{length} characters (labels of at most 63)."""
+    labels = []
+    while length > 0:
+        labels.append("d" * min(63, length))
+        length -= len(labels[-1]) + 1
+    return ".".join(labels)
+
+
+class SimpleArgumentTests(GrammarTestCase):
+    """
+    The one-match reading of the common MAIL and RCPT arguments gives what
+    the full grammar gives; C{from:}/C{to:} (which only the full grammar
+    reads) is the reference, and every error still comes from the full
+    grammar.
+    """
+
+    def outcome(self, call):
+        try:
+            return call()
+        except GrammarError as e:
+            return e.reply
+
+    def assertSameAsFullGrammar(self, verb: str, argument: str, **kw) -> None:
+        parse = (lambda a: mail(a, **kw)) if verb == "FROM:" else (lambda a: rcpt(a, **kw))
+        self.assertTrue(argument.startswith(verb))
+        reference = verb.lower() + argument[len(verb):]
+        self.assertEqual(self.outcome(lambda: parse(argument)),
+                         self.outcome(lambda: parse(reference)), argument)
+
+    def test_mail(self):
+        for argument in [
+            "FROM:<sender@client.example.test>",
+            "FROM:<sender@client.example.test> SIZE=2345",
+            "FROM:<a.b+c@x-y.example> SIZE=000123",
+            "FROM:<sender@client.example.test> SIZE=" + "9" * 20,
+            "FROM:<sender@client.example.test> SIZE=" + "9" * 21,
+            "FROM:<sender@client.example.test> SIZE=10000001",
+            "FROM:<sender@client.example.test> SIZE=10000000",
+            "FROM:<sender@client.example.test> SIZE=",
+            "FROM:<sender@client.example.test>  SIZE=1",
+            "FROM:<sender@client.example.test> BODY=8BITMIME",
+            "FROM:<sender@client.example.test> SIZE=1 BODY=7BIT",
+            "FROM:<sender@client.example.test> size=1",
+            "FROM:<" + "l" * MAX_LOCAL_PART + "@example.test>",
+            "FROM:<" + "l" * (MAX_LOCAL_PART + 1) + "@example.test>",
+            "FROM:<a@" + long_domain(MAX_PATH - 4) + ">",  # the longest path
+            "FROM:<a@" + long_domain(MAX_PATH - 3) + ">",
+            "FROM:<sender@-bad.example>",
+            "FROM:<sender..dots@example.test>",
+            "FROM:<>",
+            "FROM:<sender@[192.0.2.1]>",
+            "FROM:<sender@example.test>x",
+            "FROM:<sender@example.test>\t",
+        ]:
+            self.assertSameAsFullGrammar("FROM:", argument)
+
+    def test_mail_with_extra_params(self):
+        self.assertSameAsFullGrammar("FROM:", "FROM:<s@example.test> SIZE=5",
+                                     extra_params=frozenset({"AUTH"}))
+
+    def test_mail_size_limit(self):
+        self.assertReply(lambda: mail("FROM:<s@example.test> SIZE=11", max_size=10), 552, "5.3.4")
+        self.assertEqual(mail("FROM:<s@example.test> SIZE=10", max_size=10).size, 10)
+
+    def test_rcpt(self):
+        for argument, utf8 in [
+            ("TO:<user1@remote.example.test>", False),
+            ("TO:<user1@remote.example.test>", True),
+            ("TO:<Postmaster>", False),
+            ("TO:<" + "l" * MAX_LOCAL_PART + "@example.test>", False),
+            ("TO:<" + "l" * (MAX_LOCAL_PART + 1) + "@example.test>", False),
+            ("TO:<a@" + long_domain(MAX_PATH - 4) + ">", False),
+            ("TO:<a@" + long_domain(MAX_PATH - 3) + ">", False),
+            ("TO:<user@example.test> NOTIFY=NEVER", False),
+            ("TO:<user@example.test> ", False),
+            ("TO:<us\"er@example.test>", False),
+            ("TO:<@relay.example:user@example.test>", False),
+        ]:
+            self.assertSameAsFullGrammar("TO:", argument, smtputf8=utf8)
+
+    def test_simple_results(self):
+        command = mail("FROM:<sender@client.example.test> SIZE=2345")
+        self.assertEqual((command.sender, command.size, command.body, command.smtputf8,
+                          command.auth, command.params),
+                         (Address("sender", "client.example.test"), 2345, "7BIT", False, None,
+                          {"SIZE": "2345"}))
+        command = rcpt("TO:<user1@remote.example.test>")
+        self.assertEqual((command.recipient, command.params),
+                         (Address("user1", "remote.example.test"), {}))

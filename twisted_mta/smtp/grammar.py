@@ -403,6 +403,24 @@ def _split_prefix(argument: str, prefix: str, usage: Reply) -> str:
     return argument[len(prefix) :].lstrip(" ")
 
 
+# The arguments nearly every client sends: an ASCII dot-string mailbox and,
+# for MAIL, at most SIZE.  parse_mail and parse_rcpt read these with one
+# match instead of the full grammar, giving exactly what the full grammar
+# gives (the same token patterns; the length limits checked below);
+# anything else, including every error, goes through the full grammar.
+_SIMPLE_MAIL = re.compile(
+    rf"FROM:<({_DOT_STRING.pattern})@({_DOMAIN.pattern})>(?: SIZE=([0-9]{{1,20}}))?")
+_SIMPLE_RCPT = re.compile(rf"TO:<({_DOT_STRING.pattern})@({_DOMAIN.pattern})>")
+
+
+def _simple_mailbox(local: str, domain: str) -> Address | None:
+    """The Address of a simple path's parts, or None if over a length limit."""
+    # RFC 5321 4.5.3.1: the path counts its brackets; ASCII, so len = octets.
+    if len(local) > MAX_LOCAL_PART or len(local) + len(domain) + 3 > MAX_PATH:
+        return None
+    return Address(local, domain)
+
+
 MAIL_USAGE = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 RCPT_USAGE = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
@@ -417,6 +435,14 @@ def parse_mail(argument: str, *, max_size: int, extra_params: frozenset[str] = f
     whose values are returned in C{params} for the caller); anything else is
     555 5.5.4.  A declared SIZE over C{max_size} is 552 5.3.4.
     """
+    simple = _SIMPLE_MAIL.fullmatch(argument)
+    if simple is not None:
+        local, domain, size_text = simple.groups()
+        sender = _simple_mailbox(local, domain)
+        size = None if size_text is None else int(size_text)
+        if sender is not None and (size is None or size <= max_size):
+            params = {} if size_text is None else {"SIZE": size_text}
+            return MailCommand(sender, size, "7BIT", False, None, params)
     rest = _split_prefix(argument, "FROM:", MAIL_USAGE)
     try:
         inner, param_text = _split_path(rest)
@@ -461,6 +487,11 @@ def parse_rcpt(argument: str, *, smtputf8: bool) -> RcptCommand:
     Parse a RCPT command's argument (C{TO:<path> params}).  No RCPT
     parameter is supported (DSN is not offered), so any is 555 5.5.4.
     """
+    simple = _SIMPLE_RCPT.fullmatch(argument)
+    if simple is not None:
+        recipient = _simple_mailbox(*simple.groups())
+        if recipient is not None:
+            return RcptCommand(recipient, {})
     rest = _split_prefix(argument, "TO:", RCPT_USAGE)
     try:
         inner, param_text = _split_path(rest)
