@@ -939,7 +939,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:
-        S.remove_discarded()
+        if S.remove_discarded():
+            log("removed the cells' folders: on ext4 without a journal, files created in the "
+                "next ~6 minutes cost more (bench/README.md); wait before another run, or use --keep")
         for folder in (snapshot, base_snapshot):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)

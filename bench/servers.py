@@ -256,10 +256,12 @@ def discard(folder: Path) -> None:
         remove_discarded()
 
 
-def remove_discarded() -> None:
-    """Remove the folders L{discard} kept."""
+def remove_discarded() -> int:
+    """Remove the folders L{discard} kept; returns how many."""
+    n = len(_DISCARDED)
     while _DISCARDED:
         shutil.rmtree(_DISCARDED.pop(), ignore_errors=True)
+    return n
 
 
 class Server:
