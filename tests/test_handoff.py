@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.e2e_support import wait_for
@@ -124,6 +123,16 @@ def _mta(connections=100, per_client=100):
     return SimpleNamespace(config=SimpleNamespace(limits=limits))
 
 
+class _Reader:
+    reading = False
+
+    def start(self):
+        self.reading = True
+
+    def stop(self):
+        self.reading = False
+
+
 class DispatchTests(unittest.TestCase):
     """L{ReceiverPool.dispatch}: the least loaded receiver, ties in turn."""
 
@@ -162,17 +171,35 @@ class DispatchTests(unittest.TestCase):
         pool.dispatch(_Conn(), 0)
         self.assertEqual((a.got, b.got), ([], [0]))
 
-    def test_nobody_can_take_it(self):
+    def test_waits_while_nobody_can_take_it(self):
+        """A burst faster than the receivers: connections wait, in order, and accepting stops."""
+        from twisted_mta.receivers import HANDOFF_RETRY
+        a = _Proc("a", full=True)
+        pool = self.pool(a)
+        reader = _Reader()
+        pool.readers = [reader]
+        first, second = _Conn(), _Conn()
+        pool.dispatch(first, 0)
+        pool.dispatch(second, 1)
+        self.assertFalse(first.closed or second.closed)
+        self.assertFalse(reader.reading)  # the rest wait in the listen queue
+        pool.reactor.advance(HANDOFF_RETRY)
+        self.assertEqual(a.got, [])  # still full: still waiting
+        self.assertFalse(reader.reading)
+        a.full = False
+        pool.reactor.advance(HANDOFF_RETRY)
+        self.assertEqual(a.got, [0, 1])
+        self.assertTrue(first.closed and second.closed)
+        self.assertTrue(reader.reading)
+        self.assertEqual(pool.reactor.getDelayedCalls(), [])
+
+    def test_stopping_closes_the_waiting(self):
         pool = self.pool(_Proc("a", full=True))
         conn = _Conn()
-        seen = []
-        globalLogPublisher.addObserver(seen.append)
-        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         pool.dispatch(conn, 0)
+        pool.stop_accepting()
         self.assertTrue(conn.closed)
-        self.assertIn("no receiver could take a connection from 127.0.0.1; closed it",
-                      [formatEvent(e) for e in seen])
-
+        self.assertEqual(pool.reactor.getDelayedCalls(), [])
 
 class LimitTests(unittest.TestCase):
     """
@@ -246,6 +273,30 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(self.said(), [0])
         proc.childDataReceived(1, b"closed 10.0.0.9\n")  # not one of its clients: ignored
         self.assertEqual(pool.counter.total, 2)
+
+    def test_a_burst_waits_for_full_handoff_sockets(self):
+        """More connections than the pairs hold: none is dropped; they go as room is made."""
+        from twisted_mta.receivers import HANDOFF_RETRY
+        self.listener.close()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(512)
+        pool = self.pool()
+        for proc in pool.processes.values():
+            proc.link.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        clients = []
+        for _ in range(300):
+            clients.append(socket.create_connection(self.listener.getsockname()))
+            self.addCleanup(clients[-1].close)
+            server, _ = self.listener.accept()
+            pool.dispatch(server, 0)
+        self.assertTrue(pool._waiting)  # the pairs filled up
+        handed = []
+        while len(handed) < 300:
+            handed += self.said()  # the receivers read what was sent...
+            pool.reactor.advance(HANDOFF_RETRY)  # ...and the rest follows
+        self.assertEqual(len(handed), 300)
+        self.assertFalse(pool._waiting)
 
     def test_a_dead_receivers_sessions_are_gone(self):
         pool = self.pool(per_client=2)

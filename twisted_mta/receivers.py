@@ -47,6 +47,10 @@ STOP_TIMEOUT = 30.0
 #: old such a file must be.
 SWEEP_AFTER = 10.0
 
+#: Seconds between attempts to hand over connections that no receiver could
+#: take (their hand-off sockets full); meanwhile nothing is accepted.
+HANDOFF_RETRY = 0.005
+
 #: The environment variable carrying a generated certificate to receivers.
 GENERATED_TLS = "TWISTED_MTA_GENERATED_TLS"
 
@@ -228,6 +232,9 @@ class ReceiverPool(service.Service):
         self._timers: dict[int, object] = {}
         self._stopping = False
         self._sweep = None
+        #: accepted connections no receiver could take yet, in order
+        self._waiting: collections.deque = collections.deque()
+        self._retry = None
 
     def startService(self) -> None:
         super().startService()
@@ -238,23 +245,44 @@ class ReceiverPool(service.Service):
             self.spawn(index)
 
     def accepting_changed(self) -> None:
-        """Accept while at least one receiver can take connections."""
-        start = not self._stopping and any(p.accepting for p in self.processes.values())
+        """
+        Accept while at least one receiver can take connections and none
+        is waiting for one (L{_waiting}).
+        """
+        start = (not self._stopping and not self._waiting
+                 and any(p.accepting for p in self.processes.values()))
         for reader in self.readers:
             reader.start() if start else reader.stop()
+        if self._waiting and self._retry is None and not self._stopping:
+            self._retry = self.reactor.callLater(HANDOFF_RETRY, self._hand_waiting)
 
     def stop_accepting(self) -> None:
         """Stop accepting for good (before the listening sockets close)."""
         for reader in self.readers:
             reader.stop()
         self.readers = []
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        while self._waiting:
+            connection, _ = self._waiting.popleft()
+            connection.close()
 
     def dispatch(self, connection: socket.socket, listen_index: int) -> None:
         """
         Hand a new connection to the receiver with the fewest sessions,
         saying whether it is over a connection limit (counted here, over
-        all receivers: the receiver answers 421).
+        all receivers: the receiver answers 421).  If none can take it now
+        (their hand-off sockets are full: a burst of connections faster
+        than they adopt them), it waits here, and this process stops
+        accepting until it has been handed: the rest wait in the kernel's
+        listen queue, as they would for a busy single process.
         """
+        if self._waiting or not self._hand(connection, listen_index):
+            self._waiting.append((connection, listen_index))
+            self.accepting_changed()
+
+    def _hand(self, connection: socket.socket, listen_index: int) -> bool:
         ip = peer_ip(connection)
         over = ConnectionCounter.over(self.mta.config.limits, self.counter.total + 1,
                                       self.counter.per_ip.get(ip, 0) + 1)
@@ -263,13 +291,20 @@ class ReceiverPool(service.Service):
             self._next = (self._next + 1) % len(ready)
             ready = ready[self._next:] + ready[:self._next]  # ties: in turn
             ready.sort(key=lambda p: p.sessions)
-        try:
-            for proc in ready:
-                if proc.hand(connection, ip, listen_index, over):
-                    return
-            log.warn("no receiver could take a connection from {peer}; closed it", peer=ip)
-        finally:
-            connection.close()  # the receiver has its own copy
+        for proc in ready:
+            if proc.hand(connection, ip, listen_index, over):
+                connection.close()  # the receiver has its own copy
+                return True
+        return False
+
+    def _hand_waiting(self) -> None:
+        self._retry = None
+        while self._waiting:
+            connection, listen_index = self._waiting[0]
+            if not self._hand(connection, listen_index):
+                break
+            self._waiting.popleft()
+        self.accepting_changed()
 
     def whenReady(self) -> defer.Deferred:
         """Fires once every receiver now running has said it is ready."""
