@@ -372,21 +372,42 @@ class ReceiverPool(service.Service):
         log.info("{name}: restarting in {delay} s", name=proc.name, delay=delay)
         self._timers[proc.index] = self.reactor.callLater(delay, self.spawn, proc.index)
 
-    def _recover(self, proc: ReceiverProcess) -> None:
+    def _recover(self, proc: ReceiverProcess) -> defer.Deferred:
         """
         Messages whose commit the dead receiver had begun and not reported:
         those that made it into the spool are delivered (the client may
-        not have had its 250, so it may send again: at least once).
+        not have had its 250, so it may send again: at least once).  Reads
+        in the spool's I/O thread.
         """
-        for queue_id in sorted(proc.committing):
-            try:
-                entry = self.mta.spool.load(queue_id)
-            except SpoolError:
-                continue  # never committed: the client had no 250
-            log.info("{name}: recovered {id}, committed as it ended", name=proc.name,
-                     id=queue_id)
-            self.mta.received(entry)
-        proc.committing.clear()
+        ids, proc.committing = sorted(proc.committing), set()
+        if not ids:
+            return defer.succeed(None)
+        spool = self.mta.spool
+
+        def find() -> list:
+            found = []
+            for queue_id in ids:
+                try:
+                    found.append(spool.load(queue_id))
+                except SpoolError:
+                    continue  # never committed: the client had no 250
+            return found
+
+        return self._deliver_found(find, "{name}: recovered {id}, committed as it ended",
+                                   name=proc.name)
+
+    def _deliver_found(self, find, message: str, **fields) -> defer.Deferred:
+        """
+        Run C{find} in the spool's I/O thread and deliver the entries it
+        returns, logging C{message} (with C{id} and C{fields}) for each.
+        """
+        def deliver(entries: list) -> None:
+            for entry in entries:
+                log.info(message, id=entry.id, **fields)
+                self.mta.received(entry)  # (which ignores one it knows by now)
+
+        return self.mta.spool.run_io(find).addCallback(deliver).addErrback(
+            lambda failure: log.failure("could not search the spool", failure))
 
     def sweep(self) -> defer.Deferred:
         """
@@ -416,15 +437,8 @@ class ReceiverPool(service.Service):
                     continue  # gone, or never committed
             return found
 
-        def deliver(entries: list) -> None:
-            for entry in entries:
-                if entry.id not in self.mta.delivery.entries:
-                    log.info("{id}: found in the spool after a receiver ended; delivering",
-                             id=entry.id)
-                    self.mta.received(entry)
-
-        return spool.run_io(find).addCallback(deliver).addErrback(
-            lambda failure: log.failure("could not search the spool", failure))
+        return self._deliver_found(
+            find, "{id}: found in the spool after a receiver ended; delivering")
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
