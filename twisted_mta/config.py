@@ -21,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from twisted_mta.handoff import MAX_LISTENERS
 from twisted_mta.smtp.grammar import is_domain
 
 TLS_MODES = ("none", "starttls", "require-starttls", "implicit")
@@ -370,9 +371,9 @@ def parse(data: Mapping[str, Any], file: str, folder: Path) -> Config:
         # Receivers are handed connections with one byte naming the
         # listener (twisted_mta.handoff); they are TCP ones (the receivers
         # know a session's client by its IP address).
-        if len(listen) > 64:
-            raise ConfigError(file, "listen", f"receivers = {receivers} takes at most 64 "
-                                              f"listeners, got {len(listen)}")
+        if len(listen) > MAX_LISTENERS:
+            raise ConfigError(file, "listen", f"receivers = {receivers} takes at most "
+                                              f"{MAX_LISTENERS} listeners, got {len(listen)}")
         for i, each in enumerate(listen, 1):
             if each.endpoint.split(":", 1)[0] not in ("tcp", "tcp6"):
                 raise ConfigError(file, f"listen[{i}].endpoint",
