@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 
 from tests.e2e_support import free_port
-from tests.processes import alive, descendants, installed, require_peer, tool
+from tests.processes import LocalPeer, alive, descendants, installed, require_peer, tool
 
 DOMAIN = "dovecot.test"
 HOSTNAME = "dovecot.test"
@@ -112,7 +111,7 @@ service lmtp {{
 """
 
 
-class Dovecot:
+class Dovecot(LocalPeer):
     """A private Dovecot speaking LMTP; see the module docstring."""
 
     def __init__(self, users=("carol",)):
@@ -196,18 +195,6 @@ class Dovecot:
     def stop(self) -> None:
         """Stop it (SIGTERM to its master) and wait for its processes to end."""
         self._stop()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def started(self, testcase) -> "Dovecot":
-        """L{start}, stopped and removed at the end of C{testcase}."""
-        testcase.addCleanup(self.cleanup)
-        try:
-            return self.start()
-        except RuntimeError as e:
-            testcase.fail(str(e))
 
     # --- looking at it -------------------------------------------------------
 

@@ -42,7 +42,6 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -51,7 +50,7 @@ import time
 from pathlib import Path
 
 from tests.e2e_support import free_port, write_pki
-from tests.processes import alive, descendants, installed, require_peer, tool
+from tests.processes import LocalPeer, alive, descendants, installed, require_peer, tool
 
 DOMAIN = "postfix.test"
 HOSTNAME = "postfix.test"
@@ -111,7 +110,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class Postfix:
+class Postfix(LocalPeer):
     """A private Postfix instance; see the module docstring."""
 
     def __init__(self, *, mailboxes=("carol",), relay_port: int | None = None,
@@ -327,18 +326,6 @@ class Postfix:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def started(self, testcase) -> "Postfix":
-        """L{start}, stopped and removed at the end of C{testcase}."""
-        testcase.addCleanup(self.cleanup)
-        try:
-            return self.start()
-        except RuntimeError as e:
-            testcase.fail(str(e))
 
     # --- looking at it -------------------------------------------------------
 

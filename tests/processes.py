@@ -64,6 +64,45 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+class LocalPeer:
+    """
+    What the Postfix and Dovecot test peers share: a private instance in
+    C{self.folder}, with C{start} (raising C{RuntimeError} saying why it
+    did not start) and C{stop}.
+    """
+
+    folder = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def started(self, testcase):
+        """C{start}, stopped and removed at the end of C{testcase}."""
+        testcase.addCleanup(self.cleanup)
+        try:
+            return self.start()
+        except RuntimeError as e:
+            testcase.fail(str(e))
+
+
+def wait_files(testcase, files, n: int, what: str, log_tail=None):
+    """
+    Wait (L{tests.e2e_support.wait_for}) until C{files()} lists at least
+    C{n}, and fire with them; on timeout, fail C{testcase} saying C{what}
+    and, if given, C{log_tail()} (the peer's log).
+    """
+    from tests.e2e_support import wait_for
+
+    def check():
+        found = files()
+        return found if len(found) >= n else None
+    d = wait_for(check, what)
+    if log_tail is not None:
+        d.addErrback(lambda f: testcase.fail(f"{f.getErrorMessage()}\n{log_tail()}"))
+    return d
+
+
 class RequireTestsMixin:
     """
     Tests of a peer support module's C{require}: without a usable peer

@@ -31,7 +31,7 @@ from tests import dovecot_support
 from tests import e2e_support as e2e
 from tests.dovecot_support import DOMAIN, Dovecot
 from tests.e2e_support import Site, in_thread, queue_id, send, wait_for
-from tests.processes import RequireTestsMixin
+from tests.processes import RequireTestsMixin, wait_files
 from tests.test_interop_postfix import BODY, lf, received_fields, split_message, unfold
 
 ALICE = "alice@example.test"
@@ -71,18 +71,12 @@ class DovecotTestCase(unittest.TestCase):
         return message, in_thread(send, site.host, site.port(), ALICE, recipients, message)
 
     def wait_dovecot(self, dc: Dovecot, user: str, n: int = 1):
-        def check():
-            files = dc.delivered(user)
-            return files if len(files) >= n else None
-        d = wait_for(check, f"{n} message(s) for {user}@{DOMAIN} at Dovecot")
-        d.addErrback(lambda f: self.fail(f"{f.getErrorMessage()}\n{dc.log_tail()}"))
-        return d
+        return wait_files(self, lambda: dc.delivered(user), n,
+                          f"{n} message(s) for {user}@{DOMAIN} at Dovecot", dc.log_tail)
 
     def wait_mta(self, site: Site, address: str, n: int = 1):
-        def check():
-            files = site.delivered(address)
-            return files if len(files) >= n else None
-        return wait_for(check, f"{n} message(s) for {address} at twisted-mta")
+        return wait_files(self, lambda: site.delivered(address), n,
+                          f"{n} message(s) for {address} at twisted-mta")
 
     def check_stored(self, path, message: bytes, user: str, qid: str, alone: bool = True) -> None:
         """

@@ -35,7 +35,7 @@ from twisted.trial import unittest
 from tests import e2e_support as e2e
 from tests import postfix_support
 from tests.e2e_support import Site, in_thread, queue_id, send, wait_for
-from tests.processes import RequireTestsMixin
+from tests.processes import RequireTestsMixin, wait_files
 from tests.postfix_support import DOMAIN, Postfix
 
 ALICE = "alice@example.test"
@@ -132,18 +132,12 @@ class PostfixTestCase(unittest.TestCase):
         return in_thread(send, pf.host, pf.port, sender, recipients, message, starttls=ctx)
 
     def wait_postfix(self, pf: Postfix, user: str, n: int = 1):
-        def check():
-            files = pf.delivered(user)
-            return files if len(files) >= n else None
-        d = wait_for(check, f"{n} message(s) for {user}@{DOMAIN} at Postfix")
-        d.addErrback(lambda f: self.fail(f"{f.getErrorMessage()}\n{pf.log_tail()}"))
-        return d
+        return wait_files(self, lambda: pf.delivered(user), n,
+                          f"{n} message(s) for {user}@{DOMAIN} at Postfix", pf.log_tail)
 
     def wait_mta(self, site: Site, address: str, n: int = 1):
-        def check():
-            files = site.delivered(address)
-            return files if len(files) >= n else None
-        return wait_for(check, f"{n} message(s) for {address} at twisted-mta")
+        return wait_files(self, lambda: site.delivered(address), n,
+                          f"{n} message(s) for {address} at twisted-mta")
 
 
 class SmartHostTests(PostfixTestCase):

@@ -713,6 +713,14 @@ class FakeReadSpool:
                 d.errback(e)
 
 
+
+class BrokenReadSpool(FakeReadSpool):
+    """A spool whose message file cannot be read."""
+
+    def read_message(self, entry):
+        raise OSError(2, "No such file or directory")
+        yield
+
 class SpoolSourceTests(unittest.SynchronousTestCase):
     def test_first_batch_is_read_ahead(self):
         spool = FakeReadSpool([b"a" * 10, b"b" * 10])
@@ -755,11 +763,7 @@ class SpoolSourceTests(unittest.SynchronousTestCase):
         self.assertEqual(self.successResultOf(source.read()), b"")
 
     def test_failed_read_ahead_not_taken_is_dropped(self):
-        class Broken(FakeReadSpool):
-            def read_message(self, entry):
-                raise OSError(2, "No such file or directory")
-                yield
-        spool = Broken([])
+        spool = BrokenReadSpool([])
         source = SpoolSource(spool, entry=None)
         source.close()
         spool.run_jobs()  # the read ahead fails: no error is left unhandled
@@ -767,11 +771,7 @@ class SpoolSourceTests(unittest.SynchronousTestCase):
         self.assertEqual(spool.jobs, [])
 
     def test_failed_read_ahead_is_given_to_the_reader(self):
-        class Broken(FakeReadSpool):
-            def read_message(self, entry):
-                raise OSError(2, "No such file or directory")
-                yield
-        spool = Broken([])
+        spool = BrokenReadSpool([])
         source = SpoolSource(spool, entry=None)
         d = source.read()
         spool.run_jobs()
