@@ -33,7 +33,7 @@ from twisted_mta.interfaces import (
 from twisted_mta.pipeline import LoadedPlugin, Pipeline
 from twisted_mta.smtp import grammar
 from twisted_mta.smtp.replies import Reply
-from twisted_mta.smtp.server import ESMTPFactory
+from twisted_mta.smtp.server import REPLIES_HELD, ESMTPFactory
 from twisted_mta.smtp.tls import self_signed, server_options
 from twisted_mta.values import AddHeader, RemoveHeader, Verdict
 
@@ -1273,8 +1273,11 @@ class PipeliningTests(ServerTestCase):
             conn.proto.pauseProducing()  # as a full transport would
 
         conn.transport.write = write
-        conn.send(b"NOOP\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\nNOOP\r\n")
-        self.assertReplies(conn.take(), [(250, "2.0.0")])
+        held = REPLIES_HELD
+        conn.send(b"NOOP\r\n" * (held + 1) + b"MAIL FROM:<a@example.org>\r\nNOOP\r\n")
+        # Replies are written a pipelined group at a time: the first write
+        # fills the transport, and the server stops there.
+        self.assertReplies(conn.take(), [(250, "2.0.0")] * held)
         self.assertEqual(conn.transport.producerState, "paused")
         conn.transport.write = real_write
         conn.proto.resumeProducing()

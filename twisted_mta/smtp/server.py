@@ -40,8 +40,12 @@ from twisted_mta.values import (
     Action, AddHeader, Envelope, Message, RemoveHeader, RewriteRecipient,
     RewriteSender, Session, SetRoute, Verdict, parse_headers,
 )
+from twisted_mta.writenow import write_now
 
 log = Logger()
+
+#: Replies held while a pipeline is handled, at most (then written).
+REPLIES_HELD = 16
 
 HEADER_CAPTURE_LIMIT = 65536  # header bytes kept in memory for data filters
 _date_cache: tuple[int, str] = (-1, "")
@@ -150,6 +154,8 @@ class ESMTPServer(Protocol):
         self._reader: DataReader | ChunkReader | None = None
         self._busy = False  # a command is waiting on a Deferred
         self._processing = False  # inside _process
+        #: replies made inside _process, sent together when it returns
+        self._out: list[bytes] = []
         self._pauses: set[str] = set()
         self._closed = False
         self._greeted = False
@@ -343,6 +349,7 @@ class ESMTPServer(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
+            self._flush()
 
     def _process_buffer(self) -> None:
         while not self._pauses and not self._closed and self._greeted:
@@ -479,13 +486,29 @@ class ESMTPServer(Protocol):
                 self._close()
 
     def _send(self, reply: Reply) -> None:
+        """
+        Send C{reply}: inside L{_process}, with the other replies of the
+        commands it handles (one write for a pipelined group, up to
+        L{REPLIES_HELD}: a transport that fills up still stops a long
+        pipeline part way), else now.
+        """
         if not self._closed:
-            self.transport.write(reply.format(bool(self.session and self.session.esmtp)))
+            self._out.append(reply.format(bool(self.session and self.session.esmtp)))
+            if not self._processing or len(self._out) >= REPLIES_HELD:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the replies held, at once (L{write_now})."""
+        if self._out:
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out = []
+            write_now(self.transport, data)
 
     def _close(self) -> None:
         if self.txn is not None:
             self.txn.abort()
             self.txn = None
+        self._flush()
         self._closed = True
         self._cancel_timeout()
         # A registered producer (ourselves, for flow control) would keep a
@@ -595,6 +618,7 @@ class ESMTPServer(Protocol):
             log.info("discarded {n} bytes pipelined after STARTTLS from [{ip}] session={sid}",
                      n=pending, ip=self.session.client_ip, sid=self.session.id)
             self._buffer, self._pos = b"", 0
+        self._flush()  # the 220 goes in the clear, before the handshake
         self.transport.startTLS(self.context.tls_options)
         self._tls_started = True
         # RFC 3207 4.2: the session starts over; the client must EHLO again.
