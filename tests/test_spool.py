@@ -328,6 +328,27 @@ class ThreadedSpoolTests(unittest.TestCase):
         self.assertEqual(len(Spool(path).prepare()), 50)
 
     @defer.inlineCallbacks
+    def test_messages_received_together_share_a_batch(self):
+        """
+        Commits of messages received side by side make one batch: the first
+        waits for the others, which are still being received, instead of
+        starting a batch of its own.
+        """
+        spool = Spool(Path(self.mktemp()))
+        self.addCleanup(spool.stop)
+        spool.prepare()
+        batches = []
+        real = spool._sync._run
+        spool._sync._run = lambda batch: (batches.append(len(batch)), real(batch))[1]
+        incomings = [spool.new_message() for _ in range(3)]
+        commits = []
+        for incoming in incomings:
+            incoming.write(MESSAGE)
+            commits.append(spool.commit(incoming, entry_for(incoming)))
+        yield defer.gatherResults(commits)
+        self.assertEqual(batches, [3])
+
+    @defer.inlineCallbacks
     def test_failed_sync_fails_the_commit_and_removes_the_file(self):
         path = Path(self.mktemp())
         spool = Spool(path)
@@ -535,6 +556,95 @@ class GroupSyncTests(unittest.SynchronousTestCase):
                 self.assertEqual(self.failureResultOf(d, OSError).value.errno, 28)
             else:
                 self.assertIsNone(self.successResultOf(d))
+
+
+class CommitWaitTests(unittest.SynchronousTestCase):
+    """A batch waits, up to COMMIT_WAIT, for the messages still being received."""
+
+    def setUp(self) -> None:
+        from twisted_mta.spool.store import _GroupSync
+        self.clock = Clock()
+        self.expected = 0
+        self.sync = _GroupSync(self.clock, expected=lambda: self.expected)
+        self.addCleanup(self.sync.stop)
+        self.started: list[int] = []
+
+        def start():  # what would go to the batch thread, recorded instead
+            self.started.append(len(self.sync._pending))
+            self.sync._pending = []
+        self.sync._start = start
+
+    def submit(self) -> None:
+        self.sync.submit(lambda: None, None)
+
+    def test_nothing_expected_starts_at_once(self) -> None:
+        self.submit()
+        self.assertEqual(self.started, [1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waits_up_to_commit_wait(self) -> None:
+        from twisted_mta.spool.store import COMMIT_WAIT
+        self.expected = 1
+        self.submit()
+        self.assertEqual(self.started, [])
+        self.clock.advance(COMMIT_WAIT * 0.9)
+        self.assertEqual(self.started, [])
+        self.clock.advance(COMMIT_WAIT * 0.1)
+        self.assertEqual(self.started, [1])
+
+    def test_starts_when_the_expected_have_come(self) -> None:
+        self.expected = 2
+        self.submit()
+        self.expected = 1
+        self.submit()
+        self.assertEqual(self.started, [])
+        self.expected = 0
+        self.submit()
+        self.assertEqual(self.started, [3])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_poke_when_one_expected_is_dropped(self) -> None:
+        self.expected = 1
+        self.submit()
+        self.expected = 0
+        self.sync.poke()
+        self.assertEqual(self.started, [1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_wait_while_a_batch_runs(self) -> None:
+        """What comes while a batch runs waits for that batch, not for the timer."""
+        self.expected = 1
+        self.sync._running = True
+        self.submit()
+        self.assertEqual((self.started, self.clock.getDelayedCalls()), ([], []))
+
+    def test_stop_starts_the_waiting_batch(self) -> None:
+        self.expected = 1
+        self.submit()
+        self.sync.stop()
+        self.assertEqual(self.started, [1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_spool_counts_the_messages_being_received(self) -> None:
+        """Made by new_message, no longer awaited once committed or aborted."""
+        clock = Clock()
+        clock.callFromThread = lambda f, *a, **kw: None
+        spool = Spool(self.mktemp(), reactor=clock)
+        spool.prepare()
+        self.addCleanup(spool.stop)
+        started = []
+        spool._sync._start = lambda: (started.append(len(spool._sync._pending)),
+                                      setattr(spool._sync, "_pending", []))
+        first, second, third = spool.new_message(), spool.new_message(), spool.new_message()
+        self.assertEqual(spool._receiving, 3)
+        spool.commit(first, entry_for(first))
+        self.assertEqual((spool._receiving, started), (2, []))
+        second.abort()
+        self.assertEqual((spool._receiving, started), (1, []))
+        spool.commit(third, entry_for(third))
+        self.assertEqual((spool._receiving, started), (0, [2]))
+        second.abort()  # twice: counted once
+        self.assertEqual(spool._receiving, 0)
 
 
 class DropFieldsTests(unittest.SynchronousTestCase):
