@@ -95,10 +95,46 @@ class ConfigTests(unittest.TestCase):
 class _Channel:
     def __init__(self):
         self.written = []
-        self.transport = self
 
     def write(self, data):
         self.written.append(data)
+
+
+class MainChannelTests(unittest.TestCase):
+    """Lines to the main process go together, in order, within REPORT_DELAY."""
+
+    def channel(self):
+        from twisted.internet.testing import StringTransport
+        from twisted_mta.receiver import MainChannel
+        clock = Clock()
+        channel = MainChannel(clock)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport, clock
+
+    def test_lines_wait_and_go_together(self):
+        from twisted_mta.receiver import REPORT_DELAY
+        channel, transport, clock = self.channel()
+        writes = []
+        transport.write = writes.append
+        channel.send(b"queued {}")
+        LogForwarder(channel)({"log_format": "{id}: ok", "id": "x"})
+        channel.send(b"closed 192.0.2.1")
+        self.assertEqual(writes, [])
+        clock.advance(REPORT_DELAY)
+        self.assertEqual(writes, [b"queued {}\nlog info x: ok\nclosed 192.0.2.1\n"])
+        channel.send(b"queued {}")
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [2 * REPORT_DELAY])
+
+    def test_at_stop_what_is_held_goes_and_the_rest_at_once(self):
+        channel, transport, clock = self.channel()
+        channel.send(b"queued {}")
+        channel.stop_holding()
+        self.assertEqual(transport.value(), b"queued {}\n")
+        channel.send(b"closed 192.0.2.1")
+        self.assertEqual(transport.value(), b"queued {}\nclosed 192.0.2.1\n")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class LogForwarderTests(unittest.TestCase):
