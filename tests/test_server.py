@@ -33,7 +33,7 @@ from twisted_mta.interfaces import (
 from twisted_mta.pipeline import LoadedPlugin, Pipeline
 from twisted_mta.smtp import grammar
 from twisted_mta.smtp.replies import Reply
-from twisted_mta.smtp.server import REPLIES_HELD, ESMTPFactory
+from twisted_mta.smtp.server import HELD_INPUT, REPLIES_HELD, ESMTPFactory
 from twisted_mta.smtp.tls import self_signed, server_options
 from twisted_mta.values import AddHeader, RemoveHeader, Verdict
 
@@ -104,6 +104,13 @@ class Conn:
     @property
     def closed(self) -> bool:
         return bool(self.transport.disconnecting)
+
+    def holding(self) -> bool:
+        """
+        Whether a command waits and what comes is held, not acted on (the
+        transport still reads, up to HELD_INPUT).
+        """
+        return self.proto._busy and self.transport.producerState == "producing"
 
     def lose(self) -> None:
         """The connection is gone (as the reactor would report it)."""
@@ -956,7 +963,7 @@ class FilterTests(ServerTestCase):
         self.cmd(conn, "MAIL FROM:<a@example.org>", 250, "2.1.0")
         conn.send(b"RCPT TO:<b@example.test>\r\nNOOP\r\n")
         self.assertEqual(conn.take(), [])
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
         self.ctx.reactor.advance(4)
         self.assertEqual(conn.take(), [])
         self.ctx.reactor.advance(2)
@@ -1175,7 +1182,7 @@ class PipeliningTests(ServerTestCase):
             "250 2.0.0 fired", "250 2.0.0 answered itself",
             "451 4.3.0 Error: local error in processing"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
         inner.callback(Reply(250, "2.0.0", "later"))
         self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0")])
         self.assertEqual(conn.transport.producerState, "producing")
@@ -1190,7 +1197,7 @@ class PipeliningTests(ServerTestCase):
                   b"DATA\r\n")
         self.assertReplies(conn.take(), [(250, "2.1.0")])
         self.assertEqual(conn.wire(), b"250 2.1.0 Ok\r\n")
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
         # More data (already on its way) is buffered, not acted on.
         conn.send(b"Subject: slow\r\n\r\nhello\r\n.\r\n")
         self.assertEqual(conn.take(), [])
@@ -1198,12 +1205,12 @@ class PipeliningTests(ServerTestCase):
 
         judge.waiting[0][1].callback(None)
         self.assertReplies(conn.take(), [(250, "2.1.5"), (250, "2.1.5")])
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
         self.assertEqual(len(judge.waiting), 2)
 
         judge.waiting[1][1].callback(Verdict.reject("Not today"))
         self.assertReplies(conn.take(), [(554, "5.7.1"), (250, "2.1.5")])
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
 
         judge.waiting[2][1].callback(None)
         self.assertReplies(conn.take(), [(250, "2.1.5"), (354, None), (250, "2.0.0")])
@@ -1222,9 +1229,27 @@ class PipeliningTests(ServerTestCase):
         conn = self.ready()
         conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nNOOP\r\n")
         self.assertEqual(conn.take(), [])
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
         judge.waiting[0][1].callback(Verdict.reject())
         self.assertReplies(conn.take(), [(550, "5.7.1"), (503, "5.5.1"), (250, "2.0.0")])
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_held_input_is_bounded(self) -> None:
+        """
+        While a command waits, what comes is held up to HELD_INPUT; beyond,
+        the transport is paused, until the answer.
+        """
+        judge = Judge(mail="later")
+        self.use_filters(judge)
+        conn = self.ready()
+        conn.send(b"MAIL FROM:<a@example.org>\r\n")
+        conn.send(b"NOOP\r\n" * (HELD_INPUT // 6))
+        self.assertTrue(conn.holding())
+        conn.send(b"NOOP\r\n")
+        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertEqual(conn.take(), [])
+        judge.waiting[0][1].callback(None)
+        self.assertReplies(conn.take(), [(250, "2.1.0")] + [(250, "2.0.0")] * (HELD_INPUT // 6 + 1))
         self.assertEqual(conn.transport.producerState, "producing")
 
     def test_slow_data_filter(self) -> None:
@@ -1235,7 +1260,7 @@ class PipeliningTests(ServerTestCase):
         self.cmd(conn, "DATA", 354)
         conn.send(b"Subject: x\r\n\r\nx\r\n.\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\n")
         self.assertEqual(conn.take(), [])
-        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertTrue(conn.holding())
         judge.waiting[0][1].callback(None)
         self.assertReplies(conn.take(), [(250, "2.0.0"), (250, "2.0.0"), (250, "2.1.0")])
         self.assertEqual(len(self.ctx.entries), 1)
@@ -2063,17 +2088,23 @@ class StartTLSTests(ServerTestCase):
         self.assertFalse(ISSLTransport.providedBy(server.transport))
 
     def test_stop_reading_under_tls(self) -> None:
-        """A slow filter pauses the (TLS) transport as it does a plain one."""
+        """
+        A slow filter pauses the (TLS) transport as it does a plain one,
+        once more than HELD_INPUT came meanwhile.
+        """
         judge = Judge(rcpt="later")
         self.use_filters(judge)
         server, client = self.tls_connect()
         self.start_tls(server, client)
         self.say(client, b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n")
         self.assertEqual(self.say(client, b"RCPT TO:<b@example.test>\r\nNOOP\r\n"), b"")
+        self.assertFalse(self.server_io.paused)
+        noops = HELD_INPUT // len(b"NOOP\r\n") + 1
+        self.assertEqual(self.say(client, b"NOOP\r\n" * noops), b"")
         self.assertTrue(self.server_io.paused)
         judge.waiting[0][1].callback(None)
         self.pump.flush()
-        self.assertEqual(client.take(), b"250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n")
+        self.assertEqual(client.take(), b"250 2.1.5 Ok\r\n" + b"250 2.0.0 Ok\r\n" * (1 + noops))
         self.assertFalse(self.server_io.paused)
 
     def test_implicit_tls(self) -> None:

@@ -47,6 +47,12 @@ log = Logger()
 #: Replies held while a pipeline is handled, at most (then written).
 REPLIES_HELD = 16
 
+#: Input read and held while a command waits on a Deferred (a slow filter,
+#: a message's commit), at most, in bytes: beyond, the transport is paused.
+#: Pausing at once cost two epoll_ctl calls and a reactor event for every
+#: message committed, while a client that waits for its reply sends nothing.
+HELD_INPUT = 16384
+
 HEADER_CAPTURE_LIMIT = 65536  # header bytes kept in memory for data filters
 _date_cache: tuple[int, str] = (-1, "")
 
@@ -157,6 +163,7 @@ class ESMTPServer(Protocol):
         #: replies made inside _process, sent together when it returns
         self._out: list[bytes] = []
         self._pauses: set[str] = set()
+        self._transport_paused = False
         self._closed = False
         self._greeted = False
         self._rejected_connect = False
@@ -266,13 +273,25 @@ class ESMTPServer(Protocol):
     # --- flow control -------------------------------------------------------
 
     def _pause(self, reason: str) -> None:
-        if not self._pauses and not self._closed:
-            self.transport.pauseProducing()
+        """
+        Stop handling input for C{reason}.  For a command waiting on a
+        Deferred, input is still read and held, up to L{HELD_INPUT}
+        (L{dataReceived} pauses the transport beyond); for any other
+        reason the transport is paused now.
+        """
         self._pauses.add(reason)
+        if reason != "command":
+            self._pause_transport()
+
+    def _pause_transport(self) -> None:
+        if not self._transport_paused and not self._closed:
+            self._transport_paused = True
+            self.transport.pauseProducing()
 
     def _resume(self, reason: str) -> None:
         self._pauses.discard(reason)
-        if not self._pauses and not self._closed:
+        if not self._pauses and self._transport_paused and not self._closed:
+            self._transport_paused = False
             self.transport.resumeProducing()
 
     # IPushProducer: the transport tells us when its write buffer is full,
@@ -333,6 +352,8 @@ class ESMTPServer(Protocol):
             self._buffer += data
         else:
             self._buffer = data
+        if self._pauses and len(self._buffer) - self._pos > HELD_INPUT:
+            self._pause_transport()
         self._process()
 
     def _process(self) -> None:
@@ -444,9 +465,10 @@ class ESMTPServer(Protocol):
         Answer with what C{d} fires with (a L{Reply}, or C{None} when the
         handler answered itself).  If it has fired already, the answer goes
         now and reading goes on (most commands: no plugin waits), without
-        pausing the transport or recursing into L{_process}.  Otherwise
-        reading stops until it fires, so replies keep the order of the
-        commands and a pipelining client cannot make us buffer more.
+        recursing into L{_process}.  Otherwise the commands that follow wait
+        until it fires, so replies keep the order of the commands; what
+        comes meanwhile is held, and beyond L{HELD_INPUT} the transport is
+        paused, so a pipelining client cannot make us buffer more.
         """
         d.addErrback(self._command_failed, verb)
         fired: list = []
