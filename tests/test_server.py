@@ -1150,6 +1150,20 @@ class PipeliningTests(ServerTestCase):
         self.assertEqual(len(self.ctx.entries), 300)
         self.assertEqual(conn.transport.producerState, "producing")
 
+    def test_no_data_filter_no_header_parsing(self) -> None:
+        """Without a data filter, a message's header is not parsed for one."""
+        from twisted_mta.smtp import server as servermod
+        parsed = []
+        real = servermod.parse_headers
+        self.patch(servermod, "parse_headers", lambda block: parsed.append(block) or real(block))
+        conn = self.ready()
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        self.assertEqual(parsed, [])
+        self.assertEqual(len(self.ctx.entries), 1)
+
     def test_no_pause_for_quick_answers(self) -> None:
         """The transport is not paused and resumed for commands that answer at once."""
         calls = []

@@ -37,7 +37,7 @@ from twisted_mta.smtp.replies import Reply, refusal_reply
 from twisted_mta.smtp.tls import tls_info
 from twisted_mta.spool.entry import QueueEntry, RecipientState
 from twisted_mta.values import (
-    Action, AddHeader, Envelope, Message, RemoveHeader, RewriteRecipient,
+    CONTINUE, Action, AddHeader, Envelope, Message, RemoveHeader, RewriteRecipient,
     RewriteSender, Session, SetRoute, Verdict, parse_headers,
 )
 from twisted_mta.writenow import write_now
@@ -931,28 +931,36 @@ class ESMTPServer(Protocol):
         self._answer_deferred(d, "DATA")
 
     def _check_and_commit(self, txn: Transaction) -> Reply | Deferred:
+        if not txn.pipeline.has_hook("data"):
+            # No filter looks at the message: its header is not parsed, and
+            # what is still in memory goes to the file with the envelope,
+            # in the commit's thread.
+            return self._decided(txn, CONTINUE)
         incoming = txn.incoming
-        incoming.flush()
+        incoming.flush()  # the filters may read the file
         # The fields as stored: our Received first, as Postfix's
         # header_checks see its own.
         message = Message(size=txn.size,
                           headers=parse_headers(txn.received) + parse_headers(txn.head),
                           path=str(incoming.path))
-        def decided(verdict: Verdict):
-            if verdict.refuses:
-                txn.abort()
-                reply = self._refusal(verdict, "data")
-                self._log_transaction(txn, None, reply)
-                return reply
-            entry = self._entry(txn, verdict)
-            if verdict.action is Action.DISCARD or not entry.recipients:
-                txn.abort()
-                self._log_transaction(txn, incoming.id, "discarded")
-                return Reply(250, "2.0.0", f"Ok: queued as {incoming.id}")
-            return self.context.spool.commit(incoming, entry).addCallback(
-                lambda _: self._committed(txn, entry))
+        return _then(txn.pipeline.ask_now("data", self.session, txn.envelope, message),
+                     lambda verdict: self._decided(txn, verdict))
 
-        return _then(txn.pipeline.ask_now("data", self.session, txn.envelope, message), decided)
+    def _decided(self, txn: Transaction, verdict: Verdict) -> Reply | Deferred:
+        """The data stage's verdict: refuse, discard or commit the message."""
+        incoming = txn.incoming
+        if verdict.refuses:
+            txn.abort()
+            reply = self._refusal(verdict, "data")
+            self._log_transaction(txn, None, reply)
+            return reply
+        entry = self._entry(txn, verdict)
+        if verdict.action is Action.DISCARD or not entry.recipients:
+            txn.abort()
+            self._log_transaction(txn, incoming.id, "discarded")
+            return Reply(250, "2.0.0", f"Ok: queued as {incoming.id}")
+        return self.context.spool.commit(incoming, entry).addCallback(
+            lambda _: self._committed(txn, entry))
 
     def _committed(self, txn: Transaction, entry: QueueEntry) -> Reply:
         reply = Reply(250, "2.0.0", f"Ok: queued as {entry.id}")
