@@ -54,6 +54,25 @@ class SyncModeTests(unittest.TestCase):
         self.assertEqual(self.calls, ["syncfs", "syncfs"])  # the commit's batch, the save's
         self.assertEqual(spool.load(entry.id).recipients[0].attempts, 1)
 
+    def test_filesystem_mode_jobs_all_in_the_batch_thread(self):
+        """No sync of their own to overlap: a batch's jobs are not handed to other threads."""
+        from tests.test_spool import record_submits
+        spool = self.spool("filesystem")
+        handed = record_submits(spool._sync._workers)
+        sync = spool._sync
+        sync._running = True  # five jobs in one batch
+        commits = []
+        for _ in range(5):
+            incoming = spool.new_message()
+            incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+            commits.append(spool.commit(incoming, _entry(incoming)))
+        sync._running = False
+        sync._start()
+        for d in commits:
+            self.successResultOf(d)
+        self.assertEqual(handed, [])
+        self.assertEqual(self.calls, ["syncfs"])
+
     def test_file_mode_fdatasync_per_file(self):
         self.commit_and_save(self.spool("file"))
         self.assertEqual(self.calls, ["fdatasync", "fdatasync"])

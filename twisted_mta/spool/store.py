@@ -541,8 +541,10 @@ class _GroupSync:
     def _run(self, batch) -> list[BaseException | None]:
         jobs = [job for job, _, _ in batch]
         # Jobs run JOBS_PER_THREAD to a thread, this one taking the first
-        # share: the syncs still overlap, with fewer thread wake-ups.
-        streams = [jobs[i:i + JOBS_PER_THREAD] for i in range(0, len(jobs), JOBS_PER_THREAD)]
+        # share: the syncs still overlap, with fewer thread wake-ups.  With
+        # one syncfs for the batch, a job has no sync to overlap: all here.
+        share = len(jobs) if self._whole_fs is not None else JOBS_PER_THREAD
+        streams = [jobs[i:i + share] for i in range(0, len(jobs), share)]
         others = [self._workers.submit(_call_each, share) for share in streams[1:]]
         results = _call_each(streams[0])
         for future in others:
