@@ -1490,6 +1490,30 @@ class DataTests(ServerTestCase):
         self.assertIsReply(reply, 250, "2.0.0")
         self.assertEqual(len(self.ctx.entries), 1)
 
+    def test_spool_stops_expecting_every_message_that_ends(self) -> None:
+        """
+        Every message begun is committed or aborted, whatever ends it: the
+        spool's count of messages being received (which a commit batch
+        waits on) goes back to 0.
+        """
+        self.ctx = self.context(limits={"message_size": 1000})
+        spool = self.ctx.spool
+        conn = self.ready()
+        self.send_message(conn, b"Subject: ok\r\n\r\nok\r\n")
+        self.send_message(conn, b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n")
+        self.send_message(conn, b"Subject: bare\r\n\r\nbare\nLF\r\n")
+        self.envelope(conn)
+        conn.send(b"BDAT 10\r\n0123456789")
+        self.assertReply(conn.take(), 250, "2.0.0")
+        self.cmd(conn, "RSET", 250, "2.0.0")
+        self.assertEqual(spool._receiving, 0)
+        self.envelope(conn)
+        self.cmd(conn, "DATA", 354)
+        conn.send(b"Subject: cut\r\n")
+        self.assertEqual(spool._receiving, 1)
+        conn.lose()
+        self.assertEqual(spool._receiving, 0)
+
     def test_message_at_the_limit(self) -> None:
         body = b"Subject: x\r\n\r\n" + b"y" * (1000 - 16) + b"\r\n"
         self.assertEqual(len(body), 1000)
