@@ -653,6 +653,51 @@ class WireTests(InProcessTestsMixin, unittest.TestCase):
         self.assertEqual(stored, sorted([body1, body2]))
 
     @defer.inlineCallbacks
+    def test_concurrent_messages_share_one_sync(self):
+        """
+        Messages whose ends arrive while the others are still being
+        received are made durable together: one commit batch for three
+        sessions (the batch waits for the messages under way, here for as
+        long as it takes), and a lone message is not held by that wait.
+        """
+        from twisted_mta.spool import store
+        self.patch(store, "COMMIT_WAIT", 30.0)  # only the messages under way end the wait
+        site = self.site({"smtp": "none"})
+        mta = self.start(site)
+        sync = mta.spool._sync
+        batches = []
+        real_run = sync._run
+        sync._run = lambda batch: (batches.append(len(batch)), real_run(batch))[1]
+
+        def talk():
+            clients = [self.raw(site) for _ in range(3)]
+            for n, c in enumerate(clients):
+                c.replies(1)
+                c.send(b"EHLO client.example.net\r\n")
+                c.reply()
+                c.send(b"MAIL FROM:<alice@client.example.net>\r\nRCPT TO:<bob@example.test>\r\n"
+                       b"DATA\r\n")
+                self.assertEqual([code for code, _ in c.replies(3)], [250, 250, 354])
+                c.send(e2e.message(f"share{n}@client.example.net"))  # no end yet
+            for c in clients:
+                c.send(b".\r\n")
+            together = [c.replies(1)[0] for c in clients]
+            # Alone now: nothing else is being received, so nothing to wait for.
+            c = clients[0]
+            c.sock.settimeout(10)
+            c.send(b"MAIL FROM:<alice@client.example.net>\r\nRCPT TO:<bob@example.test>\r\n"
+                   b"DATA\r\n")
+            c.replies(3)
+            c.send(e2e.message("alone@client.example.net") + b".\r\n")
+            return together, c.replies(1)[0]
+
+        together, alone = yield in_thread(talk)
+        self.assertEqual([code for code, _ in together], [250, 250, 250])
+        self.assertEqual(alone[0], 250)
+        self.assertEqual(batches[0], 3)  # (then deliveries' and the lone message's)
+        yield wait_for(lambda: len(site.delivered(BOB)) == 4, "four deliveries")
+
+    @defer.inlineCallbacks
     def test_starttls_injection(self):
         """
         CVE-2011-0411: a command sent in the clear in the same packet as

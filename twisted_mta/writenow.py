@@ -29,13 +29,26 @@ def write_now(transport, data: bytes) -> None:
     nothing buffered, the rest (or all of it, otherwise) by
     C{transport.write}.
     """
-    if (isinstance(transport, tcp.Connection) and transport.connected
-            and not transport.TLS and not transport.disconnecting
-            and not transport._writeDisconnecting and not transport._writeDisconnected
-            and not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer)):
+    if isinstance(transport, tcp.Connection) and _idle(transport):
         sent = transport.writeSomeData(data)
         if type(sent) is int:  # else the connection is lost: Twisted's write finds out
             if sent >= len(data):
                 return
             data = data[sent:]
     transport.write(data)
+
+
+def _idle(transport: tcp.Connection) -> bool:
+    """
+    Whether C{transport} is open, in the clear and holds nothing to send.
+    Its buffers are Twisted's private attributes: should a Twisted release
+    rename them, every write goes through C{transport.write} as before
+    (tests/test_writenow.py then fails, and says so).
+    """
+    try:
+        return bool(transport.connected and not transport.TLS and not transport.disconnecting
+                    and not transport._writeDisconnecting and not transport._writeDisconnected
+                    and not transport._tempDataBuffer
+                    and transport.offset == len(transport.dataBuffer))
+    except AttributeError:
+        return False
